@@ -1,0 +1,41 @@
+"""Entry point of the ``mpdit`` command: dispatches to the subcommand modules.
+
+Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
+``func`` (called with the parsed arguments, returning an exit code or None).
+User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2.
+"""
+
+import argparse
+import importlib
+import sys
+
+from mpdit.errors import MPDiTError
+
+SUBCOMMANDS = ["params"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpdit", description="Magnitude-preserving Diffusion Transformers with rotation modulation."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"mpdit.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (MPDiTError, FileNotFoundError) as error:
+        print(f"mpdit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpdit: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

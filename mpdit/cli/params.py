@@ -1,0 +1,63 @@
+"""`mpdit params`: parameter counts per conditioning variant and mp preset, with differences in percent."""
+
+import json
+
+import torch
+
+from mpdit.model.config import DiTConfig, mp_label, parse_mp
+from mpdit.model.dit import MPDiT
+from mpdit.nn.modulation import CONDITIONINGS
+
+
+def count_params(config: DiTConfig) -> int:
+    """sum(p.numel()) over the model's parameters, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return MPDiT(config).num_params()
+
+
+def param_table(model: str, mp_specs: list[str], conditionings: list[str], **overrides) -> list[dict]:
+    """One row per (mp, conditioning): params and the change against adaln-zero and scale-shift-gate rows."""
+    rows = []
+    for spec in mp_specs:
+        switches = parse_mp(spec)
+        counts = {name: count_params(DiTConfig.from_preset(model, mp=switches, conditioning=name, **overrides))
+                  for name in conditionings}
+        for name, params in counts.items():
+            row = {"model": model, "mp": mp_label(switches), "conditioning": name, "params": params}
+            for ref in ("adaln-zero", "scale-shift-gate"):
+                if ref in counts:
+                    row[f"vs_{ref}_pct"] = round(100.0 * (params - counts[ref]) / counts[ref], 3)
+            rows.append(row)
+    return rows
+
+
+def run(args) -> int:
+    overrides = dict(input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes,
+                     learn_sigma=not args.no_learn_sigma)
+    conditionings = args.conditioning.split(",") if args.conditioning else list(CONDITIONINGS)
+    rows = param_table(args.model, args.mp.split(";"), conditionings, **overrides)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.model}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
+          f"{args.num_classes} classes, learned sigma: {not args.no_learn_sigma}")
+    print(f"{'mp':<8} {'conditioning':<22} {'params':>14} {'vs adaln-zero':>14} {'vs scale-shift-gate':>20}")
+    for row in rows:
+        pct = [f"{row[k]:+.2f}%" if k in row else "-" for k in ("vs_adaln-zero_pct", "vs_scale-shift-gate_pct")]
+        print(f"{row['mp']:<8} {row['conditioning']:<22} {row['params']:>14,} {pct[0]:>14} {pct[1]:>20}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("params", help="parameter counts per conditioning variant and mp preset",
+                                   description=__doc__)
+    parser.add_argument("--model", default="DiT-S/2", help="zoo name, e.g. DiT-S/2 (default)")
+    parser.add_argument("--input-size", type=int, default=32, help="latent/image side (default 32)")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--no-learn-sigma", action="store_true", help="output noise only (C, not 2C channels)")
+    parser.add_argument("--mp", default="none;all",
+                        help="';'-separated mp settings, each all, none or a comma list of switches (default none;all)")
+    parser.add_argument("--conditioning", default=None, help="comma list of variants (default: all of them)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+    parser.set_defaults(func=run)

@@ -1,0 +1,140 @@
+"""Typed model configuration, the magnitude-preservation switches, and the model zoo."""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from mpdit.errors import MPDiTError
+from mpdit.nn.modulation import conditioning_ops
+
+# The eight switches of the paper's ablation (DESIGN.md section 1), each changing only its own piece.
+MP_SWITCHES = (
+    "cosine_attention",    # q, k normalized per head before attention
+    "weight_norm",         # linears -> weight-normalized MPLinear without bias
+    "forced_weight_norm",  # stored weights renormalized to unit rows in training
+    "mp_residual",         # x + gate * branch -> mp_sum(x, gate * branch, 0.3)
+    "mp_silu",             # every SiLU and the MLP's GELU -> mp_silu
+    "no_layernorm",        # LayerNorms removed
+    "mp_pos_embed",        # position table mean-removed, unit RMS, added by mp_sum(., ., 0.5)
+    "mp_embedding",        # MP timestep (Fourier of ln(sigma)/4) and label embedders, mp_sum(t, y, 0.5)
+)
+MP_PRESETS = {"all": MP_SWITCHES, "none": ()}
+
+
+def parse_mp(spec) -> tuple[str, ...]:
+    """'all', 'none', 'a,b,...' or a sequence of switch names -> the switches in canonical order."""
+    if isinstance(spec, str):
+        if spec in MP_PRESETS:
+            return MP_PRESETS[spec]
+        names = [name.strip() for name in spec.split(",") if name.strip()]
+    else:
+        names = list(spec)
+    unknown = [name for name in names if name not in MP_SWITCHES]
+    if unknown:
+        raise MPDiTError(f"unknown mp switch '{unknown[0]}': use all, none, or a comma list of {', '.join(MP_SWITCHES)}")
+    return tuple(name for name in MP_SWITCHES if name in names)
+
+
+def mp_label(switches: tuple[str, ...]) -> str:
+    """The preset name of a switch set if it has one ('all', 'none'), else the comma list."""
+    for name, preset in MP_PRESETS.items():
+        if tuple(switches) == preset:
+            return name
+    return ",".join(switches)
+
+
+# Model zoo: DiT's sizes plus XS (the paper) and small sizes for CPU work: (depth, hidden, heads).
+SIZES = {
+    "Nano": (2, 64, 2),
+    "Micro": (4, 128, 4),
+    "Mini": (6, 192, 3),
+    "XS": (6, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+MODELS = [f"DiT-{size}/{patch}" for size in SIZES for patch in PATCH_SIZES]
+
+
+@dataclass
+class DiTConfig:
+    """Everything that defines a model; saved as config.json beside the weights.
+
+    input_size and in_channels describe the (latent or pixel) image the model sees; with
+    learn_sigma the output has 2 * in_channels channels (noise, variance interpolation).
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    mp: tuple[str, ...] = ()
+    conditioning: str = "adaln-zero"
+    # MP timestep embedder input: EDM2's ln(sigma_t)/4 ("log-sigma") or the raw step 0..999 ("raw", ablation).
+    timestep_input: str = "log-sigma"
+    # With cosine_attention: scale each head's attention output back to RMS 1 (see docs/design-notes.md).
+    normalize_attention_output: bool = True
+    residual_balance: float = 0.3
+    num_timesteps: int = 1000
+    name: str = field(default="custom")
+
+    def __post_init__(self):
+        self.mp = parse_mp(self.mp)
+        conditioning_ops(self.conditioning)
+        if self.input_size % self.patch_size:
+            raise MPDiTError(f"patch size {self.patch_size} does not divide input size {self.input_size}: "
+                             "pick a patch size that divides it or pad the input")
+        if self.hidden_size % self.num_heads:
+            raise MPDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if "rotation" in conditioning_ops(self.conditioning) and self.hidden_size % 2:
+            raise MPDiTError(f"rotation modulation pairs channels, so the hidden size must be even, got {self.hidden_size}")
+        if self.timestep_input not in ("log-sigma", "raw"):
+            raise MPDiTError(f"unknown timestep_input '{self.timestep_input}': choose log-sigma or raw")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise MPDiTError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    def has(self, switch: str) -> bool:
+        """Whether an MP switch is on."""
+        return switch in self.mp
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MPDiTError(f"unknown model config key '{unknown[0]}': known keys are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, model: str, **overrides) -> "DiTConfig":
+        """A zoo entry such as 'DiT-S/2', with any field overridden (e.g. mp='all', input_size=16)."""
+        try:
+            prefix, rest = model.split("-", 1)
+            size, patch = rest.split("/")
+            depth, hidden, heads = SIZES[size]
+            patch = int(patch)
+            if prefix != "DiT" or patch not in PATCH_SIZES:
+                raise KeyError(model)
+        except (ValueError, KeyError):
+            raise MPDiTError(f"unknown model '{model}': choose one of {', '.join(MODELS)}") from None
+        values = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, name=model)
+        values.update(overrides)
+        return cls.from_dict(values)

@@ -1,0 +1,333 @@
+"""The Diffusion Transformer: DiT (Peebles & Xie 2023) with every magnitude-preserving switch and
+conditioning variant of DESIGN.md one config field away.
+
+With mp=() and conditioning='adaln-zero' this is DiT layer for layer and initialized as DiT;
+with mp='all' and conditioning='scale-rotation-gate' it is the paper's MP model with rotation modulation.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from mpdit.diffusion.schedule import noise_conditioning
+from mpdit.errors import MPDiTError
+from mpdit.model.config import DiTConfig
+from mpdit.nn.modulation import ConditionProjection, conditioning_ops, modulate
+from mpdit.nn.primitives import (MPEmbedding, MPFourier, MPLinear, MPSiLU, mp_pos_embed_2d, mp_sum,
+                                 normalize, sincos_pos_embed_2d, timestep_sinusoidal)
+
+
+def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False) -> nn.Module:
+    """A linear layer as the switches want it: nn.Linear (DiT), or MPLinear (weight_norm / forced_weight_norm).
+
+    weight_norm: no bias; a zero-init layer gets a learned gain starting at 0.
+    forced_weight_norm alone: DiT's layer with bias whose weight rows are kept at norm 1 in training;
+    DiT's zero-init layers are left alone then, since without a gain forcing them to unit rows would undo the zero init.
+    """
+    weight_norm, forced = cfg.has("weight_norm"), cfg.has("forced_weight_norm")
+    if weight_norm:
+        return MPLinear(in_features, out_features, traditional=True, forced=forced,
+                        learned_gain=0.0 if zero_init else None)
+    if forced and not zero_init:
+        return MPLinear(in_features, out_features, traditional=False, forced=True, bias=True)
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight)  # DiT's basic init: xavier-uniform weight, zero bias
+    nn.init.zeros_(layer.bias)
+    if zero_init:
+        nn.init.zeros_(layer.weight)
+    return layer
+
+
+def activation(cfg: DiTConfig, default: nn.Module) -> nn.Module:
+    return MPSiLU() if cfg.has("mp_silu") else default
+
+
+class PatchEmbed(nn.Module):
+    """Patchify (N, C, H, W) -> tokens (N, T, D): DiT's strided conv, or an MP conv on [x, 1] (bias EDM2-style)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.constant_channel = cfg.has("weight_norm")
+        p, c, d = cfg.patch_size, cfg.in_channels, cfg.hidden_size
+        if self.constant_channel:
+            self.proj = MPLinear(c + 1, d, patch_size=p, forced=cfg.has("forced_weight_norm"))
+        elif cfg.has("forced_weight_norm"):
+            self.proj = MPLinear(c, d, patch_size=p, traditional=False, forced=True, bias=True)
+        else:
+            self.proj = nn.Conv2d(c, d, kernel_size=p, stride=p)
+            nn.init.xavier_uniform_(self.proj.weight.view(d, -1))
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.constant_channel:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (N, C + 1, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Step t (N,) -> (N, D). DiT: 256 sinusoidal features of t; MP: MPFourier of EDM2's ln(sigma_t)/4."""
+
+    def __init__(self, cfg: DiTConfig, num_features: int = 256):
+        super().__init__()
+        self.mp = cfg.has("mp_embedding")
+        d = cfg.hidden_size
+        if self.mp:
+            self.fourier = MPFourier(num_features)
+            self.mlp = nn.Sequential(MPLinear(num_features, d), MPSiLU(), MPLinear(d, d))
+            self.raw_steps = cfg.timestep_input == "raw"
+            self.register_buffer("c_noise", noise_conditioning(cfg.num_timesteps), persistent=False)
+        else:
+            self.mlp = nn.Sequential(make_linear(cfg, num_features, d), activation(cfg, nn.SiLU()),
+                                     make_linear(cfg, d, d))
+            for layer in (self.mlp[0], self.mlp[2]):
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02)
+
+    def noise_features(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM2's c_noise at (possibly fractional) steps t, by linear interpolation of the table; (N,)."""
+        t = t.float().clamp(0, len(self.c_noise) - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=len(self.c_noise) - 1)
+        return torch.lerp(self.c_noise[low], self.c_noise[high], t - low)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mp:
+            c = t.float() if self.raw_steps else self.noise_features(t)
+            features = self.fourier(c)  # (N, 256), unit RMS
+        else:
+            features = timestep_sinusoidal(t)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class y (N,) -> (N, D), with a null class (index num_classes) for classifier-free guidance."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_classes, self.dropout_prob = cfg.num_classes, cfg.class_dropout_prob
+        rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
+        if cfg.has("mp_embedding"):
+            self.embedding_table = MPEmbedding(rows, cfg.hidden_size)
+        else:
+            self.embedding_table = nn.Embedding(rows, cfg.hidden_size)
+            nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:  # label dropout: replace by the null class
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (N, T, D) -> (N, T, D); cosine attention normalizes q and k per head."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.cosine = cfg.has("cosine_attention")
+        self.normalize_output = self.cosine and cfg.normalize_attention_output
+        self.qkv = make_linear(cfg, cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = make_linear(cfg, cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (N, H, T, d_head)
+        if self.cosine:
+            q, k = normalize(q, dim=-1), normalize(k, dim=-1)  # RMS 1 over the head dimension
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v
+        if self.normalize_output:
+            x = normalize(x, dim=-1)  # averaging values shrinks their magnitude; restore RMS 1 per head
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class MLP(nn.Module):
+    """Linear, GELU(tanh) or mp_silu, Linear: (N, T, D) -> (N, T, D)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        self.fc1 = make_linear(cfg, cfg.hidden_size, hidden)
+        self.act = activation(cfg, nn.GELU(approximate="tanh"))
+        self.fc2 = make_linear(cfg, hidden, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def make_norm(cfg: DiTConfig) -> nn.Module:
+    if cfg.has("no_layernorm"):
+        return nn.Identity()
+    return nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+
+
+def make_modulation(cfg: DiTConfig, ops: tuple[str, ...], suffixes: tuple[str, ...]) -> ConditionProjection:
+    names = [op + suffix for suffix in suffixes for op in ops]
+    return ConditionProjection(cfg.hidden_size, cfg.hidden_size, names, weight_norm=cfg.has("weight_norm"),
+                               forced=cfg.has("forced_weight_norm"))
+
+
+class DiTBlock(nn.Module):
+    """x = x (+) gate1 * attn(mod1(norm(x))); x = x (+) gate2 * mlp(mod2(norm(x))), (+) = + or mp_sum."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.ops = conditioning_ops(cfg.conditioning)
+        self.gate_offset = 0.0 if cfg.conditioning == "adaln-zero" else 1.0  # DiT's gate starts at 0, MP's at 1
+        self.mp_residual, self.balance = cfg.has("mp_residual"), cfg.residual_balance
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.modulation = make_modulation(cfg, self.ops, ("_msa", "_mlp"))
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        if gate is not None:
+            branch = branch * (self.gate_offset + gate)
+        return mp_sum(x, branch, self.balance) if self.mp_residual else x + branch
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        m = self.modulation(c)  # per-sample vectors (N, 1, width)
+        x = self.residual(x, self.attn(modulate(self.norm1(x), m, "_msa")), m.get("gate_msa"))
+        x = self.residual(x, self.mlp(modulate(self.norm2(x), m, "_mlp")), m.get("gate_mlp"))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    """norm, modulation (no gate), zero-init linear to p * p * out_channels per token."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm_final = make_norm(cfg)
+        ops = tuple(op for op in conditioning_ops(cfg.conditioning) if op != "gate")
+        self.modulation = make_modulation(cfg, ops, ("",))
+        self.linear = make_linear(cfg, cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, zero_init=True)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(modulate(self.norm_final(x), self.modulation(c)))  # (N, T, p*p*C_out)
+
+
+class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffusion", "dit", "mpdit"]):
+    """Class-conditional Diffusion Transformer; forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C_out, H, W).
+
+    t are steps of the 1000-step training diffusion (integers, or fractions for the MP embedder),
+    y class indices in [0, num_classes], num_classes being the null class.
+    Saves and loads as config.json + model.safetensors (save_pretrained / from_pretrained).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        cfg = config
+        self.x_embedder = PatchEmbed(cfg)
+        self.t_embedder = TimestepEmbedder(cfg)
+        self.y_embedder = LabelEmbedder(cfg)
+        grid = cfg.input_size // cfg.patch_size
+        table = mp_pos_embed_2d if cfg.has("mp_pos_embed") else sincos_pos_embed_2d
+        self.pos_embed = nn.Parameter(table(cfg.hidden_size, grid).unsqueeze(0), requires_grad=False)  # (1, T, D)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.act = activation(cfg, nn.SiLU())
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise MPDiTError(f"expected x of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        if t.shape != (n,) or y.shape != (n,):
+            raise MPDiTError(f"expected t and y of shape ({n},), got {tuple(t.shape)} and {tuple(y.shape)}")
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (N, T, D) with position, and the activated condition (N, D)."""
+        tokens = self.x_embedder(x)
+        pos = self.pos_embed.to(tokens.dtype)
+        tokens = mp_sum(tokens, pos, 0.5) if self.config.has("mp_pos_embed") else tokens + pos
+        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y)
+        c = mp_sum(t_emb, y_emb, 0.5) if self.config.has("mp_embedding") else t_emb + y_emb
+        return tokens, self.act(c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W); token features ordered (p, q, c), tokens row-major."""
+        c, p = self.config.out_channels, self.config.patch_size
+        h = w = int(math.isqrt(x.shape[1]))
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t, y)
+        tokens, c = self.embed(x, t, y)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c))
+
+    def guided_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance: eps = eps_null + s (eps_y - eps_null) on all C noise channels.
+
+        The variance channels are the conditional ones. cfg_scale 1 is the plain conditional forward.
+        """
+        if cfg_scale < 0:
+            raise MPDiTError(f"guidance scale must be >= 0, got {cfg_scale}")
+        if cfg_scale == 1 or self.config.class_dropout_prob == 0:
+            return self(x, t, y)
+        null = torch.full_like(y, self.config.num_classes)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = out.chunk(2)
+        ch = self.config.in_channels
+        eps = torch.lerp(uncond[:, :ch], cond[:, :ch], cfg_scale)  # uncond + s (cond - uncond)
+        return torch.cat([eps, cond[:, ch:]], dim=1)
+
+    def num_params(self) -> int:
+        """sum(p.numel()) over all parameters, including the fixed position table (as DiT counts)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(model: str = "DiT-S/2", **overrides) -> MPDiT:
+    """A model from the zoo, e.g. build_model('DiT-S/2', mp='all', conditioning='scale-rotation-gate')."""
+    return MPDiT(DiTConfig.from_preset(model, **overrides))
+
+
+def load_model(path: str | Path, weights: str = "model.safetensors", device: str | torch.device = "cpu") -> MPDiT:
+    """Rebuild the model from PATH/config.json alone and load PATH/<weights>; one-line errors otherwise."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_path, weights_path = path / "config.json", path / weights
+    if not config_path.is_file():
+        raise MPDiTError(f"no model config at {config_path}: pass a checkpoint folder holding config.json")
+    if not weights_path.is_file():
+        raise MPDiTError(f"no weights file at {weights_path}: pass a checkpoint folder holding {weights}")
+    try:
+        config = DiTConfig.from_dict(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as error:
+        raise MPDiTError(f"model config {config_path} is not valid JSON ({error})") from None
+    model = MPDiT(config)
+    try:
+        state = load_file(weights_path, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise MPDiTError(f"weights file {weights_path} is corrupt or truncated ({error}): "
+                         "use another checkpoint") from None
+    load_state_dict_checked(model, state, str(weights_path))
+    return model.to(device)
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with a one-line error naming the first missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise MPDiTError(f"{source}: missing key '{key}' (does the checkpoint belong to this model config?)")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise MPDiTError(f"{source}: key '{key}' has shape {tuple(state[key].shape)}, "
+                             f"the model expects {tuple(value.shape)}")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise MPDiTError(f"{source}: unexpected key '{extra[0]}' (does the checkpoint belong to this model config?)")
+    model.load_state_dict(state)
