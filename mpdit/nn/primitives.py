@@ -153,9 +153,10 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def mp_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """The sin-cos table with each channel's mean over positions removed, each token scaled to RMS 1."""
+    """The sin-cos table with each channel's mean over positions removed, then scaled to RMS 1 overall."""
     table = sincos_pos_embed_2d(dim, grid_size)
-    return normalize(table - table.mean(dim=0, keepdim=True), dim=1)
+    table = table - table.mean(dim=0, keepdim=True)
+    return table / table.pow(2).mean().sqrt()
 
 
 def timestep_sinusoidal(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""The command line: every command's --help, `mpdit params`, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mpdit.cli.main import SUBCOMMANDS, main
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"mpdit {command}" in capsys.readouterr().out
+
+
+def test_params_json_rows(capsys):
+    assert main(["params", "--model", "DiT-S/2", "--input-size", "16", "--mp", "all", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {row["conditioning"] for row in rows} >= {"adaln-zero", "scale-shift-gate", "scale-rotation-gate"}
+    by_name = {row["conditioning"]: row for row in rows}
+    for row in rows:
+        assert {"model", "mp", "conditioning", "params"} <= set(row) and isinstance(row["params"], int)
+        assert row["mp"] == "all" and row["model"] == "DiT-S/2"
+    ssg, srg = by_name["scale-shift-gate"]["params"], by_name["scale-rotation-gate"]["params"]
+    assert by_name["scale-rotation-gate"]["vs_scale-shift-gate_pct"] == pytest.approx(100 * (srg - ssg) / ssg, abs=1e-3)
+
+
+def test_params_table_has_baseline_count(capsys):
+    assert main(["params", "--model", "DiT-S/2", "--mp", "none", "--conditioning", "adaln-zero"]) == 0
+    assert "32,963,360" in capsys.readouterr().out
+
+
+def test_unknown_model_is_a_one_line_error():
+    result = subprocess.run([sys.executable, "-m", "mpdit.cli.main", "params", "--model", "DiT-Q/2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown model 'DiT-Q/2'" in result.stderr
+    assert "Traceback" not in result.stderr
