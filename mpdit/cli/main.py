@@ -11,7 +11,7 @@ import sys
 
 from mpdit.errors import MPDiTError
 
-SUBCOMMANDS = ["params"]
+SUBCOMMANDS = ["params", "train", "sample", "ema"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,97 @@
+"""`mpdit sample`: class-conditional samples from a checkpoint, written as a PNG grid and an ADM-style .npz."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from mpdit.diffusion.generate import generate, save_grid, save_npz
+from mpdit.diffusion.sampling import SAMPLERS
+from mpdit.errors import MPDiTError
+from mpdit.model.dit import MPDiT, load_model
+from mpdit.training.checkpoint import MODEL_FILE, resolve_checkpoint
+
+
+def weight_files(checkpoint: Path) -> dict[str, str]:
+    """Weight choices present in a checkpoint: raw, ema (classic), sigma-S.SSS (power-function EMA)."""
+    files = {"raw": MODEL_FILE}
+    if (checkpoint / "ema.safetensors").is_file():
+        files["ema"] = "ema.safetensors"
+    for path in sorted(checkpoint.glob("ema-sigma-*.safetensors")):
+        files[path.stem.removeprefix("ema-")] = path.name
+    return files
+
+
+def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str = "cpu") -> tuple[MPDiT, Path, str]:
+    """The model of a run, checkpoints or step folder, with the chosen weights.
+
+    weights 'auto' takes the power-function EMA with the largest sigma_rel if there is one, else the raw weights.
+    """
+    checkpoint = resolve_checkpoint(path)
+    files = weight_files(checkpoint)
+    if weights == "auto":
+        power = [name for name in files if name.startswith("sigma-")]
+        weights = power[-1] if power else "raw"
+    if weights not in files:
+        raise MPDiTError(f"checkpoint {checkpoint} has no '{weights}' weights: choose one of {', '.join(files)}")
+    return load_model(checkpoint, files[weights], device), checkpoint, weights
+
+
+def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Labels (num,): a comma list cycled to num, 'all' (0..K-1 cycled), or uniformly random (seeded)."""
+    if spec in (None, "random"):
+        return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed + 7919))
+    if spec == "all":
+        return torch.arange(num) % num_classes
+    try:
+        classes = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise MPDiTError(f"--classes takes 'all', 'random' or a comma list of class indices, got '{spec}'") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise MPDiTError(f"class {bad[0]} is out of range: the model has classes 0..{num_classes - 1}")
+    return torch.tensor(classes).repeat(-(-num // len(classes)))[:num]
+
+
+def device_of(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def add_sampling_options(parser, num: int, steps: int) -> None:
+    parser.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or one step folder")
+    parser.add_argument("--weights", default="auto",
+                        help="raw, ema, or sigma-S.SSS (power EMA); auto: the largest sigma_rel, else raw")
+    parser.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
+    parser.add_argument("--sampler", default="ddim", help=f"{' or '.join(SAMPLERS)} (default ddim)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def run(args) -> int:
+    model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device_of(args.device))
+    labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
+    images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                      seed=args.seed, batch_size=args.batch_size, device=device_of(args.device), progress=True)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
+    grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
+    npz = save_npz(images, out.with_suffix(".npz"), labels)
+    print(json.dumps({"grid": str(grid), "npz": str(npz), "checkpoint": str(checkpoint), "weights": weights,
+                      "num": len(images), "sampler": args.sampler, "steps": args.steps,
+                      "cfg_scale": args.cfg_scale, "seed": args.seed}))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("sample", help="sample images from a checkpoint", description=__doc__)
+    add_sampling_options(parser, num=100, steps=50)
+    parser.add_argument("--classes", default="all", help="'all' (default: 0..K-1 in turn), 'random', or '3,5,7'")
+    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(classes, 10))")
+    parser.add_argument("--out", default="samples.png", help="grid PNG path; PATH.npz is written beside it")
+    parser.set_defaults(func=run)

@@ -1,0 +1,135 @@
+"""`mpdit train`: train a model on a dataset (one process, or many under torchrun); `--resume DIR` continues a run."""
+
+import json
+from pathlib import Path
+
+from mpdit.data.datasets import load_dataset
+from mpdit.diffusion.generate import generate, grid_labels, save_grid
+from mpdit.errors import MPDiTError
+from mpdit.model.config import DiTConfig
+from mpdit.nn.modulation import CONDITIONINGS
+from mpdit.training.checkpoint import resolve_checkpoint
+from mpdit.training.schedules import SCHEDULES
+from mpdit.training.train import TrainConfig, Trainer, read_run_configs
+
+# Optimizer settings per family when not given (DESIGN.md section 4): DiT's, or the paper's for MP models.
+DIT_OPTIMIZER = dict(lr=1e-4, schedule="constant", betas=(0.9, 0.999), warmup_steps=0)
+MP_OPTIMIZER = dict(lr=1e-2, schedule="edm2", betas=(0.9, 0.99))
+DEFAULT_STEPS = 3000
+
+
+def default_image_size(native: int, patch: int) -> int:
+    """The data's side, padded up to a multiple of the patch size."""
+    return -(-native // patch) * patch
+
+
+def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
+    """Model and training configs from the command line; the data fixes channels, size and classes."""
+    data = load_dataset(args.data, "train")
+    probe = DiTConfig.from_preset(args.model)
+    size = args.image_size or default_image_size(max(data.resolution), probe.patch_size)
+    model_cfg = DiTConfig.from_preset(
+        args.model, mp=args.mp, conditioning=args.conditioning, timestep_input=args.timestep_input,
+        input_size=size, in_channels=data.channels, num_classes=data.num_classes,
+        class_dropout_prob=args.class_dropout)
+    family = MP_OPTIMIZER if model_cfg.has("weight_norm") else DIT_OPTIMIZER
+    chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
+    if args.betas is not None:
+        chosen["betas"] = tuple(float(b) for b in args.betas.split(","))
+    options = {**family, **chosen}
+    train_cfg = TrainConfig(
+        data=args.data, image_size=size, steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, t_ref=args.t_ref,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay or None,
+        ema_sigma_rels=tuple(float(s) for s in args.ema_sigma_rels.split(",") if s),
+        snapshot_every=args.snapshot_every, seed=args.seed, log_every=args.log_every,
+        telemetry_every=args.telemetry_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
+        keep_checkpoints=args.keep_checkpoints, precision=args.precision, compile=args.compile, device=args.device,
+        progress=not args.no_progress, **options)
+    return model_cfg, train_cfg
+
+
+def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float = 2.0):
+    """A callback for Trainer.run that writes RUN_DIR/samples/step-NNNNNNN.png from the current raw weights."""
+
+    def write(trainer: Trainer) -> None:
+        cfg = trainer.model_cfg
+        labels = grid_labels(cfg.num_classes, per_class)
+        images = generate(trainer.model, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
+                          seed=trainer.cfg.seed, device=trainer.dist.device)
+        save_grid(images, trainer.run_dir / "samples" / f"step-{trainer.step:07d}.png",
+                  nrow=min(cfg.num_classes, 10))
+
+    return write
+
+
+def run(args) -> int:
+    if args.resume:
+        run_dir = Path(args.resume)
+        model_cfg, train_cfg = read_run_configs(run_dir)
+        resolve_checkpoint(run_dir)
+        if args.steps is not None:
+            train_cfg.steps = args.steps
+        trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True)
+    else:
+        if args.out is None:
+            raise MPDiTError("give --out DIR for a new run, or --resume DIR to continue one")
+        run_dir = Path(args.out)
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            raise MPDiTError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
+        model_cfg, train_cfg = build_configs(args)
+        trainer = Trainer(run_dir, model_cfg, train_cfg)
+    if trainer.dist.is_main:
+        print(f"model {model_cfg.name} mp={','.join(model_cfg.mp) or 'none'} conditioning={model_cfg.conditioning}: "
+              f"{trainer.model.num_params():,} parameters; data {train_cfg.data} ({len(trainer.data)} images); "
+              f"lr {train_cfg.lr} {train_cfg.schedule}; device {trainer.dist.device} x{trainer.dist.world_size}")
+    last = trainer.run(sample_grid_callback())
+    if trainer.dist.is_main:
+        print(json.dumps({"run": str(run_dir), "checkpoint": str(last), "log": str(run_dir / "log.jsonl"),
+                          "samples": str(run_dir / "samples"), "step": trainer.step}))
+    return 0
+
+
+def add_model_options(parser) -> None:
+    parser.add_argument("--model", default="DiT-Micro/4", help="zoo name (default DiT-Micro/4; see mpdit params)")
+    parser.add_argument("--mp", default="all", help="all, none, or a comma list of switches (default all)")
+    parser.add_argument("--conditioning", default="scale-rotation-gate", choices=list(CONDITIONINGS))
+    parser.add_argument("--timestep-input", default="log-sigma", choices=["log-sigma", "raw"],
+                        help="MP timestep embedder input: EDM2's ln(sigma)/4 (default) or the raw step (ablation)")
+    parser.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
+
+
+def add_training_options(parser) -> None:
+    parser.add_argument("--data", default="mnist", help="mnist (default), idx:PATH or folder:PATH")
+    parser.add_argument("--image-size", type=int, default=None, help="pad/resize images to this side")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps (default {DEFAULT_STEPS}; with --resume: the run's own, or extend to N)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
+    parser.add_argument("--lr", type=float, default=None, help="default 1e-2 for MP models, 1e-4 for DiT")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="default edm2 (MP) or constant (DiT)")
+    parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--t-ref", type=int, default=1000, help="edm2 schedule: decay as 1/sqrt(step/t_ref)")
+    parser.add_argument("--betas", default=None, help="Adam betas 'b1,b2' (default 0.9,0.99 MP; 0.9,0.999 DiT)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="classic EMA decay (0 disables)")
+    parser.add_argument("--ema-sigma-rels", default="0.05,0.10", help="power-function EMA sigma_rel list")
+    parser.add_argument("--snapshot-every", type=int, default=0, help="power-EMA snapshots (0: at checkpoints)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--telemetry-every", type=int, default=200)
+    parser.add_argument("--sample-every", type=int, default=0, help="sample grid every K steps (0: at the end)")
+    parser.add_argument("--ckpt-every", type=int, default=500)
+    parser.add_argument("--keep-checkpoints", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model", description=__doc__)
+    add_model_options(parser)
+    add_training_options(parser)
+    parser.add_argument("--out", default=None, help="run folder for a new run")
+    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR (optionally --steps N)")
+    parser.set_defaults(func=run)

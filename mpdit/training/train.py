@@ -1,0 +1,342 @@
+"""The training loop: one process or many (torchrun + DistributedDataParallel), resumable bit for bit.
+
+Determinism: the global batch of step s (data indices, timesteps, noise, label dropout) is a
+function of (seed, s) alone, drawn the same on every rank and then split, so a resumed run, a
+single process and N processes with the same global batch all see the same numbers.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from mpdit.data.datasets import ImageDataset, load_dataset, to_model_space
+from mpdit.diffusion.gaussian import GaussianDiffusion
+from mpdit.errors import MPDiTError
+from mpdit.model.config import DiTConfig
+from mpdit.model.dit import MPDiT, load_state_dict_checked
+from mpdit.training import checkpoint as ckpt
+from mpdit.training.ema import ClassicEMA, PowerFunctionEMA, save_snapshot
+from mpdit.training.schedules import make_schedule, set_lr
+from mpdit.training.telemetry import Telemetry
+
+TRAIN_CONFIG = "train_config.json"
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model; saved as RUN_DIR/train_config.json."""
+
+    data: str = "mnist"
+    image_size: int | None = None  # pad / resize the data to this side; None: the model's input size
+    steps: int = 1000
+    batch_size: int = 64  # global: split across ranks
+    lr: float = 1e-2
+    schedule: str = "edm2"  # constant | edm2
+    warmup_steps: int = 200
+    t_ref: int = 1000  # edm2: lr / sqrt(max(step / t_ref, 1))
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_decay: float | None = 0.9999  # classic EMA; None disables
+    ema_sigma_rels: tuple[float, ...] = (0.05, 0.10)  # power-function EMA; () disables
+    snapshot_every: int = 0  # power-EMA snapshots for post-hoc reconstruction; 0: at checkpoints only
+    seed: int = 0
+    log_every: int = 50
+    telemetry_every: int = 200
+    sample_every: int = 0  # 0: a grid at the end only
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.ema_sigma_rels = tuple(self.ema_sigma_rels)
+        if self.precision not in ("fp32", "bf16"):
+            raise MPDiTError(f"unknown precision '{self.precision}': choose fp32 or bf16")
+        if self.steps < 0 or self.batch_size < 1:
+            raise MPDiTError("steps must be >= 0 and batch size >= 1")
+        for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every"):
+            if getattr(self, name) < 0:
+                raise MPDiTError(f"{name} must be >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MPDiTError(f"unknown training option '{unknown[0]}'")
+        return cls(**values)
+
+
+@dataclass
+class Distributed:
+    """Rank layout: a single process unless launched by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Distributed:
+    """Join the process group when torchrun set WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise MPDiTError(f"unknown device '{device}': use auto, cpu or cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise MPDiTError("CUDA was asked for but is not available: use --device cpu")
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Distributed(rank, world_size, local_rank, dev)
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator fixed by (seed, step, stream): the same on every rank and after a resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+
+
+def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Dataset indices of the global batch of `step`: epochs are seeded permutations, last partial batch dropped."""
+    per_epoch = num_items // batch_size
+    if per_epoch == 0:
+        raise MPDiTError(f"batch size {batch_size} is larger than the dataset ({num_items} images)")
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=step_generator(seed, epoch, stream=0))
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def global_batch(data: ImageDataset, cfg: TrainConfig, model_cfg: DiTConfig, step: int):
+    """x0 (B, C, H, W) in [-1, 1], labels with dropout to the null class, t (B,), noise (B, C, H, W)."""
+    idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
+    x0 = to_model_space(data.images[idx])
+    gen = step_generator(cfg.seed, step, stream=1)
+    t = torch.randint(0, model_cfg.num_timesteps, (len(idx),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(len(idx), generator=gen) < model_cfg.class_dropout_prob
+    y = torch.where(drop, model_cfg.num_classes, data.labels[idx])
+    return x0, y, t, noise
+
+
+def weight_decay_groups(model: MPDiT, weight_decay: float) -> list[dict]:
+    """Decay matrices only (not gains, biases or embeddings' fixed tables)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Owns the model, optimizer, EMAs and run directory; `run()` trains to cfg.steps."""
+
+    def __init__(self, run_dir: Path, model_cfg: DiTConfig, cfg: TrainConfig, resume: bool = False):
+        self.run_dir, self.model_cfg, self.cfg = Path(run_dir), model_cfg, cfg
+        self.dist = setup_distributed(cfg.device)
+        torch.manual_seed(cfg.seed)  # model init
+        self.data = load_dataset(cfg.data, "train", cfg.image_size or model_cfg.input_size)
+        self.check_data_fits_model()
+        self.model = MPDiT(model_cfg).to(self.dist.device)
+        self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas)
+        self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.t_ref)
+        self.ema = ClassicEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
+        self.step = 0
+        if resume:
+            self.load_latest()
+        self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
+        net = self.ddp or self.model
+        self.forward = torch.compile(net) if cfg.compile else net
+        self.telemetry = Telemetry(self.model)
+
+    def check_data_fits_model(self) -> None:
+        images, m = self.data.images, self.model_cfg
+        if tuple(images.shape[1:]) != (m.in_channels, m.input_size, m.input_size):
+            raise MPDiTError(f"data {self.cfg.data} gives images {tuple(images.shape[1:])}, the model expects "
+                             f"({m.in_channels}, {m.input_size}, {m.input_size}): set --image-size or the model size")
+        if self.data.num_classes != m.num_classes:
+            raise MPDiTError(f"data has {self.data.num_classes} classes, the model {m.num_classes}")
+        if self.cfg.batch_size % self.dist.world_size:
+            raise MPDiTError(f"batch size {self.cfg.batch_size} is not divisible by {self.dist.world_size} processes")
+
+    # --- files ------------------------------------------------------------------------------
+
+    def write_run_files(self) -> None:
+        """RUN_DIR/config.json (model) and train_config.json, written once at the start."""
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(self.run_dir / ckpt.CONFIG_FILE, json.dumps(self.model_cfg.to_dict(), indent=2))
+        ckpt.atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(dataclasses.asdict(self.cfg), indent=2))
+
+    def check_ranks_in_sync(self) -> None:
+        """Raise if the ranks' parameters differ (a checksum compared across processes)."""
+        if self.dist.world_size == 1:
+            return
+        with torch.no_grad():
+            flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
+            checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), device=flat.device,
+                                                                                       dtype=flat.dtype)).sum()])
+        low, high = checksum.clone(), checksum.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"ranks out of sync at step {self.step}: parameter checksums {low.tolist()} vs {high.tolist()}")
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones."""
+        self.check_ranks_in_sync()
+        if not self.dist.is_main:
+            return None
+        with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
+            ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
+            (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
+            if self.ema:
+                ckpt.save_safetensors(tmp / "ema.safetensors", self.ema.state_dict())
+            if self.power_ema:
+                for sigma_rel in self.power_ema.sigma_rels:
+                    ckpt.save_safetensors(tmp / f"ema-sigma-{sigma_rel:.3f}.safetensors",
+                                          self.power_ema.shadow(sigma_rel))
+            ckpt.save_torch(tmp / STATE_FILE, {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "power_ema_updates": self.power_ema.num_updates if self.power_ema else 0,
+                "rng": ckpt.capture_rng_state(),
+            })
+        if self.power_ema and self.step > 0 and not self.cfg.snapshot_every:
+            save_snapshot(self.run_dir, self.step, self.power_ema)
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return ckpt.checkpoint_dir(self.run_dir, self.step)
+
+    def load_latest(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise MPDiTError(f"nothing to resume in {self.run_dir}: no checkpoints/step-NNNNNNN folder")
+        device = self.dist.device
+        load_state_dict_checked(self.model, ckpt.load_safetensors(path / ckpt.MODEL_FILE, device), str(path))
+        state = ckpt.load_torch(path / STATE_FILE, map_location=device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema:
+            self.ema.load_state_dict(ckpt.load_safetensors(path / "ema.safetensors", device))
+        if self.power_ema:
+            self.power_ema.load_state_dict({
+                "num_updates": state["power_ema_updates"], "sigma_rels": list(self.power_ema.sigma_rels),
+                "shadows": [ckpt.load_safetensors(path / f"ema-sigma-{s:.3f}.safetensors", device)
+                            for s in self.power_ema.sigma_rels]})
+        ckpt.restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, record: bool) -> dict:
+        """One optimizer step on this rank's share of the global batch; returns scalar stats."""
+        x0, y, t, noise = global_batch(self.data, self.cfg, self.model_cfg, self.step)
+        share = slice(self.dist.rank * len(x0) // self.dist.world_size,
+                      (self.dist.rank + 1) * len(x0) // self.dist.world_size)
+        x0, y, t, noise = (v[share].to(self.dist.device) for v in (x0, y, t, noise))
+        set_lr(self.optimizer, self.schedule(self.step))
+        self.model.train()
+        with self.telemetry.recording(record), self.autocast():
+            losses = self.diffusion.training_losses(lambda x, s: self.forward(x, s, y), x0, t, noise)
+        loss = losses["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.step += 1
+        if self.ema:
+            self.ema.update(self.model)
+        if self.power_ema:
+            self.power_ema.update(self.model)
+        stats = {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
+        if self.dist.world_size > 1:  # average the logged figures over ranks
+            packed = torch.stack(list(stats.values()))
+            dist.all_reduce(packed)
+            stats = dict(zip(stats, packed / self.dist.world_size))
+        return {k: float(v) for k, v in stats.items()} | {"grad_norm": float(grad_norm)}
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self, sample_grid=None) -> Path | None:
+        """Train from self.step to cfg.steps; log, checkpoint, and call sample_grid(trainer) when due."""
+        cfg, main = self.cfg, self.dist.is_main
+        self.write_run_files()
+        log = open(self.run_dir / "log.jsonl", "a") if main else None
+        bar = None
+        if main and cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                record = bool(cfg.telemetry_every) and (self.step + 1) % cfg.telemetry_every == 0
+                stats = self.train_step(record)
+                if cfg.snapshot_every and self.power_ema and self.step % cfg.snapshot_every == 0 and main:
+                    save_snapshot(self.run_dir, self.step, self.power_ema)
+                due = lambda every: bool(every) and self.step % every == 0  # noqa: E731
+                if main and (due(cfg.log_every) or record or self.step == cfg.steps):
+                    now = time.perf_counter()
+                    rate = (self.step - last_step) * cfg.batch_size / max(now - last_time, 1e-9)
+                    last_time, last_step = now, self.step
+                    entry = {"step": self.step, **stats, "lr": self.optimizer.param_groups[0]["lr"],
+                             "images_per_s": round(rate, 2), "time": time.time()}
+                    if record:
+                        entry["telemetry"] = self.telemetry.report()
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if due(cfg.ckpt_every) or self.step == cfg.steps:
+                    self.save_checkpoint()
+                if main and sample_grid is not None and (due(cfg.sample_every) or self.step == cfg.steps):
+                    sample_grid(self)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        if self.step == cfg.steps and ckpt.latest_checkpoint(self.run_dir) is None and main:
+            self.save_checkpoint()  # a zero-step run still leaves a checkpoint to sample from
+        return ckpt.latest_checkpoint(self.run_dir) if main else None
+
+
+def read_run_configs(run_dir: Path) -> tuple[DiTConfig, TrainConfig]:
+    """The model and training configs a run wrote at its start."""
+    try:
+        model_cfg = DiTConfig.from_dict(json.loads((run_dir / ckpt.CONFIG_FILE).read_text()))
+        train_cfg = TrainConfig.from_dict(json.loads((run_dir / TRAIN_CONFIG).read_text()))
+    except FileNotFoundError as error:
+        raise MPDiTError(f"{run_dir} is not a training run: missing {Path(error.filename).name}") from None
+    except json.JSONDecodeError as error:
+        raise MPDiTError(f"{run_dir}: config file is not valid JSON ({error})") from None
+    return model_cfg, train_cfg
