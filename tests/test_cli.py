@@ -40,3 +40,21 @@ def test_unknown_model_is_a_one_line_error():
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "unknown model 'DiT-Q/2'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_json_fields(capsys):
+    assert main(["bench", "--model", "DiT-Nano/4", "--batch", "2", "--input-size", "8", "--num-classes", "10",
+                 "--repeats", "2", "--warmup", "1", "--variants", "all:scale-rotation-gate", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["mp"], r["conditioning"]) for r in rows] == [("none", "adaln-zero"), ("all", "scale-rotation-gate")]
+    for row in rows:
+        assert {"mp", "conditioning", "params", "train_ms", "sample_ms", "peak_mem_mb", "train_ratio",
+                "sample_ratio", "mem_ratio"} <= set(row)
+        assert row["train_ms"] > 0 and row["sample_ms"] > 0 and row["peak_mem_mb"] > 0
+    assert rows[0]["train_ratio"] == rows[0]["sample_ratio"] == rows[0]["mem_ratio"] == 1.0
+
+
+def test_bench_rejects_bad_variant():
+    result = subprocess.run([sys.executable, "-m", "mpdit.cli.main", "bench", "--variants", "all-rotation"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "should look like mp:conditioning" in result.stderr

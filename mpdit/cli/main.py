@@ -11,7 +11,7 @@ import sys
 
 from mpdit.errors import MPDiTError
 
-SUBCOMMANDS = ["params", "train", "sample", "ema"]
+SUBCOMMANDS = ["quickstart", "train", "sample", "eval", "ema", "params", "bench", "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,196 @@
+"""`mpdit bench`: training-step and sampling-step time and peak memory of model variants against the
+DiT baseline (mp none, adaln-zero), measured in one process, in alternation (A B A B ...).
+
+Training step: forward, backward, optimizer step and EMA update on one batch. Sampling step: one
+guided network evaluation (conditional + unconditional halves) in eval mode under no_grad.
+Ratios are to the baseline row of the same run. A benchmark, not a test: it asserts nothing.
+"""
+
+import json
+import statistics
+import time
+
+import torch
+
+from mpdit.diffusion.gaussian import GaussianDiffusion
+from mpdit.errors import MPDiTError
+from mpdit.model.config import DiTConfig, mp_label
+from mpdit.model.dit import MPDiT
+from mpdit.training.ema import ClassicEMA
+
+BASELINE = ("none", "adaln-zero")
+DEFAULT_VARIANTS = "none:adaln-zero;all:scale-shift-gate;all:scale-rotation-gate"
+
+
+class Bench:
+    """One variant's model, optimizer, EMA and fixed inputs; `train_step()` and `sample_step()` time one call."""
+
+    def __init__(self, config: DiTConfig, batch: int, device: torch.device, dtype: str, compile_model: bool):
+        torch.manual_seed(0)
+        self.config, self.device = config, device
+        self.model = MPDiT(config).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ema = ClassicEMA(self.model, 0.9999)
+        self.diffusion = GaussianDiffusion.dit(learn_sigma=config.learn_sigma)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.dtype = torch.bfloat16 if dtype == "bf16" else None
+        gen = torch.Generator().manual_seed(1)
+        shape = (batch, config.in_channels, config.input_size, config.input_size)
+        self.x = torch.randn(shape, generator=gen).to(device)
+        self.t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        self.y = torch.randint(0, config.num_classes, (batch,), generator=gen).to(device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self.autocast():
+            loss = self.diffusion.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        self.optimizer.step()
+        self.ema.update(self.model)
+
+    @torch.no_grad()
+    def sample_step(self) -> None:
+        self.model.eval()
+        with self.autocast():
+            self.model.guided_forward(self.x, self.t, self.y, 4.0)
+
+    def parameters(self) -> int:
+        return self.model.num_params()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn) -> float:
+    """Milliseconds of one call."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start)
+
+
+def peak_memory_mb(bench: Bench) -> float:
+    """Peak memory of one training step in MiB: CUDA's allocator peak, or on CPU the resident weights and
+    optimizer state plus the peak of the step's own allocations (torch's profiler, in time order)."""
+    device = bench.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        bench.train_step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    resident = sum(t.numel() * t.element_size() for t in bench.model.state_dict().values())
+    resident += sum(v.numel() * v.element_size() for state in bench.optimizer.state.values()
+                    for v in state.values() if torch.is_tensor(v))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        bench.train_step()
+    peak = current = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees in order
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return (resident + peak) / 2**20
+
+
+def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_size: int, in_channels: int,
+              num_classes: int, device: str, dtype: str, compile_model: bool, repeats: int, warmup: int) -> list[dict]:
+    """Time every variant in alternation; return one row per variant with ratios to the baseline."""
+    if BASELINE not in variants:
+        variants = [BASELINE, *variants]
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    benches = [Bench(DiTConfig.from_preset(model, mp=mp, conditioning=cond, input_size=input_size,
+                                           in_channels=in_channels, num_classes=num_classes), batch, dev, dtype,
+                     compile_model) for mp, cond in variants]
+    for bench in benches:
+        for _ in range(warmup):
+            bench.train_step()
+            bench.sample_step()
+    train_ms = [[] for _ in benches]
+    sample_ms = [[] for _ in benches]
+    for _ in range(repeats):  # A B A B ...: drifts in machine load hit every variant alike
+        for i, bench in enumerate(benches):
+            train_ms[i].append(timed(dev, bench.train_step))
+            sample_ms[i].append(timed(dev, bench.sample_step))
+    rows = []
+    for i, bench in enumerate(benches):
+        rows.append({
+            "model": model, "mp": mp_label(bench.config.mp), "conditioning": bench.config.conditioning,
+            "params": bench.parameters(), "train_ms": statistics.median(train_ms[i]),
+            "train_spread_ms": _spread(train_ms[i]), "sample_ms": statistics.median(sample_ms[i]),
+            "sample_spread_ms": _spread(sample_ms[i]), "peak_mem_mb": peak_memory_mb(bench),
+            "device": str(dev), "dtype": dtype, "batch": batch, "compile": compile_model, "repeats": repeats,
+        })
+    base = rows[variants.index(BASELINE)]
+    for row in rows:
+        for key, ref in (("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")):
+            row[key] = round(row[ref] / base[ref], 3)
+        for key in ("train_ms", "train_spread_ms", "sample_ms", "sample_spread_ms", "peak_mem_mb"):
+            row[key] = round(row[key], 2)
+    return rows
+
+
+def _spread(values: list[float]) -> float:
+    """Interquartile range, in the values' unit."""
+    if len(values) < 4:
+        return max(values) - min(values)
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def parse_variants(spec: str) -> list[tuple[str, str]]:
+    """'mp:conditioning;mp:conditioning' -> [(mp, conditioning)]."""
+    variants = []
+    for item in spec.split(";"):
+        if ":" not in item:
+            raise MPDiTError(f"variant '{item}' should look like mp:conditioning, e.g. all:scale-rotation-gate")
+        mp, conditioning = item.split(":", 1)
+        variants.append((mp.strip(), conditioning.strip()))
+    return variants
+
+
+def run(args) -> int:
+    rows = run_bench(args.model, parse_variants(args.variants), batch=args.batch, input_size=args.input_size,
+                     in_channels=args.in_channels, num_classes=args.num_classes, device=args.device,
+                     dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    first = rows[0]
+    print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
+          f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
+          "(spread = interquartile range)")
+    print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
+          f"{'peak MB':>9} {'x':>6}")
+    for r in rows:
+        print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
+              f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
+              f"{r['sample_ms']:>8.1f} ±{r['sample_spread_ms']:<5.1f} {r['sample_ratio']:>6.3f} "
+              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="time training and sampling steps against the DiT baseline",
+                                   description=__doc__)
+    parser.add_argument("--model", default="DiT-S/4", help="zoo name (default DiT-S/4)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"';'-separated mp:conditioning pairs (default {DEFAULT_VARIANTS}); "
+                             "the baseline none:adaln-zero is always added")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--input-size", type=int, default=16)
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant (default 15)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+    parser.set_defaults(func=run)

@@ -1,0 +1,96 @@
+"""`mpdit sample`, `mpdit eval` and `mpdit quickstart` on a tiny trained run: outputs, determinism, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mpdit.cli.main import build_parser, main
+from mpdit.errors import MPDiTError
+from mpdit.model.config import DiTConfig
+from mpdit.training.train import TrainConfig, Trainer
+
+
+def call(argv):
+    """Run a command's function directly, so MPDiTError reaches the test."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_idx):
+    folder = tmp_path_factory.mktemp("run")
+    model_cfg = DiTConfig.from_preset("DiT-Nano/4", input_size=28, in_channels=1, num_classes=10, mp="all",
+                                      conditioning="scale-rotation-gate")
+    Trainer(folder, model_cfg, TrainConfig(data=tiny_idx, image_size=28, steps=4, batch_size=16, t_ref=100,
+                                           ckpt_every=4, progress=False)).run()
+    return folder
+
+
+def test_sample_writes_grid_and_adm_npz_deterministically(run_dir, tmp_path, capsys):
+    argv = ["sample", "--ckpt", str(run_dir), "--num", "12", "--steps", "4", "--batch-size", "5"]
+    assert main(argv + ["--out", str(tmp_path / "a.png")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["weights"] == "sigma-0.100" and report["num"] == 12
+    assert main(argv + ["--out", str(tmp_path / "b.png")]) == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["arr_0"].shape == (12, 28, 28, 3) and a["arr_0"].dtype == np.uint8
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert a["labels"].tolist() == [i % 10 for i in range(12)]
+    assert (tmp_path / "a.png").stat().st_size > 0
+    assert main(argv + ["--out", str(tmp_path / "c.png"), "--seed", "1", "--weights", "raw",
+                        "--sampler", "ddpm"]) == 0
+    assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a["arr_0"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "euler"], "unknown sampler 'euler'"),
+    (["--cfg-scale", "-0.5"], "guidance scale must be >= 0"),
+    (["--weights", "sigma-0.200"], "has no 'sigma-0.200' weights"),
+    (["--classes", "3,12"], "class 12 is out of range"),
+])
+def test_sample_errors(run_dir, tmp_path, extra, message):
+    with pytest.raises(MPDiTError, match=message):
+        call(["sample", "--ckpt", str(run_dir), "--num", "2", "--steps", "2", "--out", str(tmp_path / "x.png"),
+              *extra])
+
+
+def test_missing_and_corrupt_checkpoints(run_dir, tmp_path):
+    with pytest.raises(MPDiTError, match="no checkpoint found"):
+        call(["sample", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    source = run_dir / "checkpoints" / "step-0000004"
+    for f in source.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(MPDiTError, match="corrupt or truncated"):
+        call(["sample", "--ckpt", str(broken), "--weights", "raw", "--out", str(tmp_path / "x.png")])
+
+
+def test_eval_json_has_metrics_protocol_and_baseline(run_dir, tmp_path, capsys):
+    assert main(["eval", "--ckpt", str(run_dir), "--num", "20", "--steps", "3", "--json",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "fd_classifier", "num_images"} <= set(result["metrics"])
+    assert 0 <= result["metrics"]["accuracy"] <= 1 and result["metrics"]["num_images"] == 20
+    protocol = result["protocol"]
+    assert {"num_samples", "sampler", "steps", "cfg_scale", "seed", "feature_network", "reference"} <= set(protocol)
+    assert protocol["data"].startswith("idx:")
+    # real digits score far better than a 4-step model
+    assert result["baseline"]["accuracy"] > 0.9 and result["baseline"]["fd_classifier"] < result["metrics"]["fd_classifier"]
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
+    argv = ["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2", "--grid-num", "10", "--eval-num", "20"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for line in ("class accuracy", "sample grid:", "training log:", "metrics:"):
+        assert line in out
+    assert (tmp_path / "qs" / "samples" / "quickstart.png").is_file()
+    assert json.loads((tmp_path / "qs" / "eval.json").read_text())["protocol"]["num_samples"] == 20
+    # a second call finds the finished run and does not train again
+    log_lines = len((tmp_path / "qs" / "log.jsonl").read_text().splitlines())
+    assert main(argv) == 0
+    assert len((tmp_path / "qs" / "log.jsonl").read_text().splitlines()) == log_lines
