@@ -10,17 +10,9 @@ from mpdit.model.config import DiTConfig
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import resolve_checkpoint
 from mpdit.training.schedules import SCHEDULES
-from mpdit.training.train import TrainConfig, Trainer, read_run_configs
+from mpdit.training.train import TrainConfig, Trainer, default_image_size, family_optimizer, read_run_configs
 
-# Optimizer settings per family when not given (DESIGN.md section 4): DiT's, or the paper's for MP models.
-DIT_OPTIMIZER = dict(lr=1e-4, schedule="constant", betas=(0.9, 0.999), warmup_steps=0)
-MP_OPTIMIZER = dict(lr=1e-2, schedule="edm2", betas=(0.9, 0.99))
 DEFAULT_STEPS = 3000
-
-
-def default_image_size(native: int, patch: int) -> int:
-    """The data's side, padded up to a multiple of the patch size."""
-    return -(-native // patch) * patch
 
 
 def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
@@ -32,7 +24,7 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
         args.model, mp=args.mp, conditioning=args.conditioning, timestep_input=args.timestep_input,
         input_size=size, in_channels=data.channels, num_classes=data.num_classes,
         class_dropout_prob=args.class_dropout)
-    family = MP_OPTIMIZER if model_cfg.has("weight_norm") else DIT_OPTIMIZER
+    family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
     if args.betas is not None:
         chosen["betas"] = tuple(float(b) for b in args.betas.split(","))

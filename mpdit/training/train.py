@@ -28,6 +28,9 @@ from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.telemetry import Telemetry
 
 TRAIN_CONFIG = "train_config.json"
+# Optimizer settings per family (DESIGN.md section 4): DiT's, or the paper's for weight-normalized MP models.
+DIT_OPTIMIZER = dict(lr=1e-4, schedule="constant", betas=(0.9, 0.999), warmup_steps=0)
+MP_OPTIMIZER = dict(lr=1e-2, schedule="edm2", betas=(0.9, 0.99))
 STATE_FILE = "training_state.pt"
 
 
@@ -78,6 +81,16 @@ class TrainConfig:
         if unknown:
             raise MPDiTError(f"unknown training option '{unknown[0]}'")
         return cls(**values)
+
+
+def family_optimizer(model_cfg: DiTConfig) -> dict:
+    """The default optimizer settings of a model: MP_OPTIMIZER with weight_norm on, else DIT_OPTIMIZER."""
+    return dict(MP_OPTIMIZER if model_cfg.has("weight_norm") else DIT_OPTIMIZER)
+
+
+def default_image_size(native: int, patch: int) -> int:
+    """The data's side, padded up to a multiple of the patch size."""
+    return -(-native // patch) * patch
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""Plots of training runs (matplotlib, PNG): loss, metric at checkpoints, and per-block magnitudes."""
+
+import json
+from pathlib import Path
+
+from mpdit.errors import MPDiTError
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A run's log entries and every evaluation found (run-level eval.json and checkpoints/step-*/eval.json)."""
+    run_dir = Path(run_dir)
+    log_path = run_dir / "log.jsonl"
+    if not log_path.is_file():
+        raise MPDiTError(f"{run_dir} has no log.jsonl: pass training run folders")
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    evals = []
+    final_step = log[-1]["step"] if log else 0
+    candidates = [(final_step, run_dir / "eval.json")]
+    candidates += [(int(p.parent.name.split("-")[1]), p) for p in run_dir.glob("checkpoints/step-*/eval.json")]
+    for step, path in candidates:
+        if path.is_file():
+            metrics = json.loads(path.read_text())["metrics"]
+            evals.append({"step": step, **metrics})
+    evals = sorted({e["step"]: e for e in evals}.values(), key=lambda e: e["step"])
+    return {"log": log, "evals": evals}
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average for readable loss curves (bias-corrected)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None) -> list[Path]:
+    """Write loss.png, metric.png (when evaluations exist) and magnitudes.png into out_dir; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in run_dirs]
+    labels = labels or [str(Path(d)) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        steps = [e["step"] for e in run["log"]]
+        ax.plot(steps, smooth([e["loss"] for e in run["log"]]), color=colors[i % len(colors)], label=label)
+    ax.set(xlabel="step", ylabel="training loss (smoothed)", yscale="log", title="Loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "loss.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    if any(run["evals"] for run in runs):
+        fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        for i, (run, label) in enumerate(zip(runs, labels)):
+            steps = [e["step"] for e in run["evals"]]
+            ax_fd.plot(steps, [e["fd_classifier"] for e in run["evals"]], "o-", color=colors[i % len(colors)],
+                       label=label)
+            ax_acc.plot(steps, [100 * e["accuracy"] for e in run["evals"]], "o-", color=colors[i % len(colors)],
+                        label=label)
+        ax_fd.set(xlabel="step", ylabel="FD (classifier features)", title="Fréchet distance (lower is better)")
+        ax_acc.set(xlabel="step", ylabel="class accuracy of samples (%)", title="Class accuracy")
+        ax_fd.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / "metric.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    fig, (ax_act, ax_w) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        entries = [e for e in run["log"] if "telemetry" in e]
+        if not entries:
+            continue
+        steps = [e["step"] for e in entries]
+        depth = len(entries[0]["telemetry"]["act_rms"])
+        for block in range(depth):
+            alpha = 0.35 + 0.65 * block / max(depth - 1, 1)
+            kwargs = dict(color=colors[i % len(colors)], alpha=alpha, label=label if block == depth - 1 else None)
+            ax_act.plot(steps, [e["telemetry"]["act_rms"][block] for e in entries], **kwargs)
+            ax_w.plot(steps, [e["telemetry"]["weight_rms"][block] for e in entries], **kwargs)
+    ax_act.set(xlabel="step", ylabel="RMS of the residual stream", yscale="log",
+               title="Activation magnitude per block (darker = deeper)")
+    ax_w.set(xlabel="step", ylabel="RMS of the block's weight matrices", yscale="log",
+             title="Weight magnitude per block")
+    ax_act.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "magnitudes.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
