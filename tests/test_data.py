@@ -41,6 +41,23 @@ def test_mnist_train_and_test_splits():
 
 
 @needs_mnist
+def test_mnist_files_are_the_canonical_ones():
+    import hashlib
+
+    from mpdit.data import mnist_data_dir
+
+    expected = {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    }
+    folder = mnist_data_dir()
+    for name, md5 in expected.items():
+        assert hashlib.md5((folder / name).read_bytes()).hexdigest() == md5, name
+
+
+@needs_mnist
 def test_mnist_cached_loads_are_independent():
     first = load_dataset("mnist", "test")
     first.images[0].fill_(7)

@@ -162,7 +162,7 @@ def _resize_square(array: np.ndarray, size: int):
     array = np.ascontiguousarray(array[top : top + side, left : left + side])
     if side == size:
         return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.BICUBIC))
+    return np.array(Image.fromarray(array).resize((size, size), Image.BICUBIC))
 
 
 def _fit_to_size(images: torch.Tensor, image_size: int | None) -> torch.Tensor:
