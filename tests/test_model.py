@@ -12,8 +12,8 @@ from mpdit.errors import MPDiTError
 from mpdit.model import MP_SWITCHES, DiTConfig, MPDiT, build_model, load_model
 from mpdit.model.convert import from_official, infer_config, load_official_checkpoint, load_official_state_dict, \
     to_official
-from mpdit.nn.modulation import CONDITIONINGS, RotationModulation, modulate, rotate
-from mpdit.nn.primitives import MPLinear, MPSiLU
+from mpdit.nn.modulation import CONDITIONINGS, RotationModulation, modulate, rotate, scale, shift
+from mpdit.nn.primitives import MPLinear, MPSiLU, mp_silu, normalize
 
 SMALL = dict(input_size=8, in_channels=2, num_classes=5)
 
@@ -312,3 +312,28 @@ def test_guided_forward():
         assert torch.allclose(guided[:, 2:], cond[:, 2:], atol=1e-5)
     with pytest.raises(ValueError, match="guidance scale must be >= 0"):
         model.guided_forward(x, t, y, -1.0)
+
+
+def test_fused_modulate_equals_scale_shift_rotate_in_turn():
+    x = torch.randn(3, 7, 16)
+    s, b, theta = torch.randn(3, 1, 16), torch.randn(3, 1, 16), torch.randn(3, 1, 8)
+    for keys in (["scale"], ["shift"], ["rotation"], ["scale", "rotation"], ["scale", "shift"],
+                 ["scale", "shift", "rotation"], ["shift", "rotation"]):
+        vectors = {k: v for k, v in (("scale", s), ("shift", b), ("rotation", theta)) if k in keys}
+        expected = x
+        if "scale" in keys:
+            expected = scale(expected, s)
+        if "shift" in keys:
+            expected = shift(expected, b)
+        if "rotation" in keys:
+            expected = rotate(expected, theta)
+        assert torch.allclose(modulate(x, vectors), expected, atol=1e-5), keys
+
+
+def test_mp_silu_folded_into_fc2_computes_the_same_mlp():
+    from mpdit.model.dit import MLP
+    cfg = DiTConfig(hidden_size=32, num_heads=2, input_size=8, mp="all")
+    mlp = MLP(cfg).eval()
+    x = torch.randn(2, 5, 32)
+    explicit = F.linear(mp_silu(mlp.fc1(x)), normalize(mlp.fc2.weight) / math.sqrt(128))
+    assert torch.allclose(mlp(x), explicit, atol=1e-5)

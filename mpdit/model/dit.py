@@ -21,7 +21,8 @@ from mpdit.nn.primitives import (MPEmbedding, MPFourier, MPLinear, MPSiLU, mp_po
                                  normalize, sincos_pos_embed_2d, timestep_sinusoidal)
 
 
-def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False) -> nn.Module:
+def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
+                input_gain: float = 1.0) -> nn.Module:
     """A linear layer as the switches want it: nn.Linear (DiT), or MPLinear (weight_norm / forced_weight_norm).
 
     weight_norm: no bias; a zero-init layer gets a learned gain starting at 0.
@@ -31,9 +32,10 @@ def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_ini
     weight_norm, forced = cfg.has("weight_norm"), cfg.has("forced_weight_norm")
     if weight_norm:
         return MPLinear(in_features, out_features, traditional=True, forced=forced,
-                        learned_gain=0.0 if zero_init else None)
+                        learned_gain=0.0 if zero_init else None, input_gain=input_gain)
     if forced and not zero_init:
-        return MPLinear(in_features, out_features, traditional=False, forced=True, bias=True)
+        return MPLinear(in_features, out_features, traditional=False, forced=True, bias=True, input_gain=input_gain)
+    assert input_gain == 1.0, "only MPLinear folds an input gain"
     layer = nn.Linear(in_features, out_features)
     nn.init.xavier_uniform_(layer.weight)  # DiT's basic init: xavier-uniform weight, zero bias
     nn.init.zeros_(layer.bias)
@@ -139,7 +141,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (N, H, T, d_head)
         if self.cosine:
-            q, k = normalize(q, dim=-1), normalize(k, dim=-1)  # RMS 1 over the head dimension
+            q, k = normalize(qkv[:2], dim=-1).unbind(0)  # q and k at RMS 1 over the head dimension
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v
         if self.normalize_output:
             x = normalize(x, dim=-1)  # averaging values shrinks their magnitude; restore RMS 1 per head
@@ -152,9 +154,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        # mp_silu(h) = silu(h) / 0.596: when fc2 is an MPLinear the constant is folded into its weight
+        fold = cfg.has("mp_silu") and (cfg.has("weight_norm") or cfg.has("forced_weight_norm"))
         self.fc1 = make_linear(cfg, cfg.hidden_size, hidden)
-        self.act = activation(cfg, nn.GELU(approximate="tanh"))
-        self.fc2 = make_linear(cfg, hidden, cfg.hidden_size)
+        self.act = nn.SiLU() if fold else activation(cfg, nn.GELU(approximate="tanh"))
+        self.fc2 = make_linear(cfg, hidden, cfg.hidden_size, input_gain=1 / 0.596 if fold else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -186,9 +190,15 @@ class DiTBlock(nn.Module):
         self.modulation = make_modulation(cfg, self.ops, ("_msa", "_mlp"))
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        if gate is not None:
-            branch = branch * (self.gate_offset + gate)
-        return mp_sum(x, branch, self.balance) if self.mp_residual else x + branch
+        """x + g * branch, or mp_sum(x, g * branch, t) = x (1-t)/c + branch (g t/c); g per sample (N, 1, D)."""
+        g = None if gate is None else self.gate_offset + gate
+        if not self.mp_residual:
+            return x + branch if g is None else torch.addcmul(x, branch, g)
+        t = self.balance
+        c = math.sqrt((1 - t) ** 2 + t**2)
+        if g is None:
+            return mp_sum(x, branch, t)
+        return torch.addcmul(x * ((1 - t) / c), branch, g * (t / c))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         m = self.modulation(c)  # per-sample vectors (N, 1, width)

@@ -51,15 +51,31 @@ def rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1 | x2] -> [x2 | x1] over the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x2, x1], dim=-1)
+
+
 def modulate(x: torch.Tensor, vectors: dict[str, torch.Tensor], suffix: str = "") -> torch.Tensor:
-    """Apply, in this order, the present ones of scale, shift, rotation (keys `op + suffix`)."""
-    if (s := vectors.get("scale" + suffix)) is not None:
-        x = scale(x, s)
-    if (b := vectors.get("shift" + suffix)) is not None:
-        x = shift(x, b)
-    if (theta := vectors.get("rotation" + suffix)) is not None:
-        x = rotate(x, theta)
-    return x
+    """Apply, in this order, the present ones of scale, shift, rotation (keys `op + suffix`).
+
+    Computed as one affine map with per-sample coefficients, so x (N, T, D) is read at most twice:
+    rotate(x * a + b, theta) = x * (a C) + swap(x) * (swap(a) S) + rotate(b, theta),
+    with C = [cos | cos], S = [-sin | sin] (the rotation written as y C + swap(y) S).
+    """
+    s, b, theta = (vectors.get(op + suffix) for op in ("scale", "shift", "rotation"))
+    a = None if s is None else 1 + s
+    if theta is None:
+        if a is None:
+            return x if b is None else x + b
+        return x * a if b is None else torch.addcmul(b, x, a)
+    cos, sin = theta.cos(), theta.sin()
+    x_coef, swap_coef = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (N, 1, D)
+    if a is not None:
+        x_coef, swap_coef = a * x_coef, swap_halves(a) * swap_coef
+    out = x * x_coef if b is None else torch.addcmul(rotate(b, theta), x, x_coef)
+    return torch.addcmul(out, swap_halves(x), swap_coef)
 
 
 class ConditionProjection(nn.Module):

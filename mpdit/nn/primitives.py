@@ -47,6 +47,7 @@ class MPLinear(nn.Module):
     Without `traditional` the stored weight is used as is (rows of norm 1 when forced), with an optional bias.
     learned_gain: None for a fixed gain of 1, else the initial value of a learned scalar gain
     (0 gives EDM2's zero-init layer: output 0 at init, weights still random).
+    input_gain: a constant the input is multiplied by, folded into the weight (e.g. mp_silu's 1 / 0.596).
     In eval mode under no_grad the effective weight is computed once and reused until a parameter changes.
     """
 
@@ -60,10 +61,11 @@ class MPLinear(nn.Module):
         forced: bool = True,
         learned_gain: float | None = None,
         bias: bool = False,
+        input_gain: float = 1.0,
     ):
         super().__init__()
         kernel = () if patch_size is None else (patch_size, patch_size)
-        self.patch_size, self.traditional, self.forced = patch_size, traditional, forced
+        self.patch_size, self.traditional, self.forced, self.input_gain = patch_size, traditional, forced, input_gain
         self.fan_in = in_features * math.prod(kernel)
         weight = torch.randn(out_features, in_features, *kernel)
         self.weight = nn.Parameter(weight if traditional else normalize(weight) / math.sqrt(self.fan_in))
@@ -73,7 +75,10 @@ class MPLinear(nn.Module):
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the forward multiplies by: (out, in) or (out, in, p, p)."""
-        w = normalize(self.weight) / math.sqrt(self.fan_in) if self.traditional else self.weight
+        if self.traditional:
+            w = normalize(self.weight) * (self.input_gain / math.sqrt(self.fan_in))
+        else:
+            w = self.weight if self.input_gain == 1 else self.weight * self.input_gain
         if self.gain is not None:
             w = w * self.gain
         return w.to(dtype)
