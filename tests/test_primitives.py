@@ -161,3 +161,21 @@ def test_forced_weight_norm_keeps_rows_at_unit_rms_through_training():
     model(x, t, y)  # a training forward applies the forced normalization
     assert worst_row_deviation() < 1e-3
     assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("learned_gain", [None, 0.7])
+def test_mplinear_recomputed_weight_gives_autograd_gradients(learned_gain):
+    layer = MPLinear(16, 8, learned_gain=learned_gain, forced=False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = layer(x)  # training mode: the weight is recomputed in backward, not saved
+    grad = torch.randn_like(out)
+    params = [x, layer.weight] + ([layer.gain] if layer.gain is not None else [])
+    fused = torch.autograd.grad(out, params, grad)
+    plain_out = torch.nn.functional.linear(x, layer.effective_weight(torch.float32))
+    plain = torch.autograd.grad(plain_out, params, grad)
+    assert torch.allclose(out, plain_out, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused, plain))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(layer.weight.grad).all()

@@ -67,7 +67,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.constant_channel:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (N, C + 1, H, W)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (N, T, D); row-major, so linears stay matmuls
 
 
 class TimestepEmbedder(nn.Module):

@@ -39,6 +39,34 @@ class MPSiLU(nn.Module):
         return mp_silu(x)
 
 
+class LinearRecomputingWeight(torch.autograd.Function):
+    """y = x W^T with W = weight_fn(*params) recomputed in backward instead of saved.
+
+    A weight-normalized layer would otherwise keep its normalized weight alive until backward:
+    one extra copy of every weight. Recomputing it costs a few weight-sized ops; the matmuls are not redone.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_fn, *params: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            w = weight_fn(*params)
+        ctx.weight_fn = weight_fn
+        ctx.save_for_backward(x, *params)
+        return F.linear(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
+            w = ctx.weight_fn(*leaves)
+        grad_x = grad_out @ w.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad(w, wanted, grad_w.to(w.dtype)) if wanted else ())
+        return (grad_x, None, *[next(grads) if leaf.requires_grad else None for leaf in leaves])
+
+
 class MPLinear(nn.Module):
     """Linear map, or patchify convolution (kernel = stride = patch_size), with EDM2 weight normalization.
 
@@ -83,6 +111,11 @@ class MPLinear(nn.Module):
             w = w * self.gain
         return w.to(dtype)
 
+    def _weight_from(self, weight: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        """effective_weight's formula on given tensors (traditional, float32), for LinearRecomputingWeight."""
+        w = normalize(weight) * (self.input_gain / math.sqrt(self.fan_in))
+        return w if gain is None else w * gain
+
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         key = (self.weight._version, None if self.gain is None else self.gain._version, dtype, self.weight.device)
         if self._cache is None or self._cache[0] != key:
@@ -94,11 +127,15 @@ class MPLinear(nn.Module):
             with torch.no_grad():  # forced weight normalization
                 scale = 1.0 if self.traditional else 1.0 / math.sqrt(self.fan_in)
                 self.weight.copy_(normalize(self.weight) * scale)
-        if self.training or torch.is_grad_enabled():
+        if not (self.training or torch.is_grad_enabled()):
+            w = self._cached_weight(x.dtype)
+        elif self.traditional and self.patch_size is None and torch.is_grad_enabled():
+            self._cache = None
+            params = (self.weight,) if self.gain is None else (self.weight, self.gain)
+            return LinearRecomputingWeight.apply(x, self._weight_from, *params)
+        else:
             self._cache = None
             w = self.effective_weight(x.dtype)
-        else:
-            w = self._cached_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.patch_size is None:
             return F.linear(x, w, bias)
