@@ -9,6 +9,7 @@ Ratios are to the baseline row of the same run. A benchmark, not a test: it asse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -159,6 +160,8 @@ def run(args) -> int:
     rows = run_bench(args.model, parse_variants(args.variants), batch=args.batch, input_size=args.input_size,
                      in_channels=args.in_channels, num_classes=args.num_classes, device=args.device,
                      dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -193,4 +196,5 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+    parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     parser.set_defaults(func=run)
