@@ -16,7 +16,7 @@ from pathlib import Path
 from mpdit.cli.eval import evaluate
 from mpdit.cli.params import count_params
 from mpdit.data.datasets import load_dataset
-from mpdit.errors import MPDiTError
+from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.model.config import MP_SWITCHES, DiTConfig, parse_mp
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import list_checkpoints
@@ -72,16 +72,14 @@ def load_grid(path: str | Path) -> list[Row]:
         raise MPDiTError(f"grid file {path} is not valid JSON ({error})") from None
     if not isinstance(items, list):
         raise MPDiTError(f"grid file {path} must hold a JSON list of rows")
-    known = {f.name for f in dataclasses.fields(Row)}
     rows = []
     for i, item in enumerate(items):
-        unknown = sorted(set(item) - known) if isinstance(item, dict) else []
         if not isinstance(item, dict) or "name" not in item:
             raise MPDiTError(f"grid file {path}, row {i}: each row needs a 'name'")
-        if unknown:
-            raise MPDiTError(f"grid file {path}, row {i}: unknown option '{unknown[0]}' "
-                             f"(known: {', '.join(sorted(known))})")
-        rows.append(Row(**item))
+        try:
+            rows.append(dataclass_from_dict(Row, item, "option"))
+        except MPDiTError as error:
+            raise MPDiTError(f"grid file {path}, row {i}: {error}") from None
     return rows
 
 

@@ -3,7 +3,7 @@
 import dataclasses
 from dataclasses import dataclass, field
 
-from mpdit.errors import MPDiTError
+from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.nn.modulation import conditioning_ops
 
 # The eight switches of the paper's ablation (DESIGN.md section 1), each changing only its own piece.
@@ -117,11 +117,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MPDiTError(f"unknown model config key '{unknown[0]}': known keys are {', '.join(sorted(known))}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "model config key")
 
     @classmethod
     def from_preset(cls, model: str, **overrides) -> "DiTConfig":

@@ -15,24 +15,24 @@ from mpdit.model.dit import MPDiT, load_state_dict_checked
 RENAMES = [(".adaLN_modulation.1.", ".modulation.proj.")]  # (official, ours)
 
 
-def from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official DiT state dict to our key names (tensors are shared, not copied)."""
+def rename_keys(state: dict[str, torch.Tensor], to_ours: bool) -> dict[str, torch.Tensor]:
+    """Official -> our key names (to_ours) or back; tensors are shared, not copied."""
     out = {}
     for key, value in state.items():
         for official, ours in RENAMES:
-            key = key.replace(official, ours)
+            key = key.replace(official, ours) if to_ours else key.replace(ours, official)
         out[key] = value
     return out
+
+
+def from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official DiT state dict to our key names."""
+    return rename_keys(state, to_ours=True)
 
 
 def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename our baseline's state dict to the official DiT layout."""
-    out = {}
-    for key, value in state.items():
-        for official, ours in RENAMES:
-            key = key.replace(ours, official)
-        out[key] = value
-    return out
+    return rename_keys(state, to_ours=False)
 
 
 def _shape(state: dict, key: str) -> tuple[int, ...]:
