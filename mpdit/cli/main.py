@@ -11,7 +11,7 @@ import sys
 
 from mpdit.errors import MPDiTError
 
-SUBCOMMANDS = ["quickstart", "train", "sample", "eval", "ema", "ablate", "plot", "params", "bench", "classifier"]
+SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "ablate", "plot", "params", "bench", "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

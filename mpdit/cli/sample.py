@@ -5,11 +5,14 @@ from pathlib import Path
 
 import torch
 
+from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
 from mpdit.diffusion.generate import generate, save_grid, save_npz
 from mpdit.diffusion.sampling import SAMPLERS
 from mpdit.errors import MPDiTError
+from mpdit.model.convert import load_official_checkpoint
 from mpdit.model.dit import MPDiT, load_model
 from mpdit.training.checkpoint import MODEL_FILE, resolve_checkpoint
+from mpdit.training.train import TRAIN_CONFIG
 
 
 def weight_files(checkpoint: Path) -> dict[str, str]:
@@ -37,6 +40,32 @@ def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str =
     return load_model(checkpoint, files[weights], device), checkpoint, weights
 
 
+def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
+    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
+    if given:
+        return given
+    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (folder / TRAIN_CONFIG).is_file():
+            return json.loads((folder / TRAIN_CONFIG).read_text())["data"]
+    return "mnist"
+
+
+def load_sampling_model(args, device: str):
+    """(model, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215) or --ckpt
+    (with the VAE decoder of its latents:PATH data, if any; --vae overrides the VAE)."""
+    if args.dit_checkpoint:
+        model = load_official_checkpoint(args.dit_checkpoint, device)
+        decode = LatentDecoder.official(args.vae or DEFAULT_VAE, device)
+        return model, decode, {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
+    if not args.ckpt:
+        raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt)")
+    model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
+    data = run_data_spec(checkpoint, getattr(args, "data", None))
+    decode = LatentDecoder.for_data(data, args.vae, device)
+    source = {"checkpoint": str(checkpoint), "weights": weights}
+    return model, decode, source | ({"vae": decode.name} if decode else {})
+
+
 def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> torch.Tensor:
     """Labels (num,): a comma list cycled to num, 'all' (0..K-1 cycled), or uniformly random (seeded)."""
     if spec in (None, "random"):
@@ -60,7 +89,11 @@ def device_of(name: str) -> str:
 
 
 def add_sampling_options(parser, num: int, steps: int) -> None:
-    parser.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or one step folder")
+    parser.add_argument("--ckpt", default=None, help="run folder, its checkpoints/ folder, or one step folder")
+    parser.add_argument("--dit-checkpoint", default=None, metavar="PATH",
+                        help="an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt) instead of --ckpt")
+    parser.add_argument("--vae", default=None,
+                        help=f"AutoencoderKL for latent models: Hub id or folder (default: the data's, {DEFAULT_VAE})")
     parser.add_argument("--weights", default="auto",
                         help="raw, ema, or sigma-S.SSS (power EMA); auto: the largest sigma_rel, else raw")
     parser.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
@@ -73,17 +106,17 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
 
 
 def run(args) -> int:
-    model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device_of(args.device))
+    model, decode, source = load_sampling_model(args, device_of(args.device))
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
     images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                      seed=args.seed, batch_size=args.batch_size, device=device_of(args.device), progress=True)
+                      seed=args.seed, batch_size=args.batch_size, device=device_of(args.device), progress=True,
+                      decode=decode)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
     grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
     npz = save_npz(images, out.with_suffix(".npz"), labels)
-    print(json.dumps({"grid": str(grid), "npz": str(npz), "checkpoint": str(checkpoint), "weights": weights,
-                      "num": len(images), "sampler": args.sampler, "steps": args.steps,
+    print(json.dumps({"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler, "steps": args.steps,
                       "cfg_scale": args.cfg_scale, "seed": args.seed}))
     return 0
 

@@ -15,9 +15,34 @@ from mpdit.training.train import TrainConfig, Trainer, default_image_size, famil
 DEFAULT_STEPS = 3000
 
 
+# The paper's runs (DESIGN.md; docs/gpu.md): 4x16x16 SD-VAE latents of ImageNet 128x128, batch 256, 400k steps,
+# power-EMA snapshots; the optimizer is the family's (DiT: 1e-4 constant; MP: 1e-2 EDM2 schedule) with EDM2's
+# warm-up of 10M images and t_ref of 70k batches of 2048 counted in images (MP_PRESET_SCHEDULE).
+PAPER_RUN = dict(batch_size=256, steps=400_000, ema_sigma_rels="0.05,0.10", snapshot_every=10_000,
+                 ckpt_every=10_000, log_every=100, telemetry_every=1000)
+PRESETS = {"paper-xs2": dict(PAPER_RUN, model="DiT-XS/2"), "paper-s4": dict(PAPER_RUN, model="DiT-S/4"),
+           "paper-s2": dict(PAPER_RUN, model="DiT-S/2")}
+MP_PRESET_SCHEDULE = dict(warmup_steps=10_000_000 // 256, t_ref=70_000 * 2048 // 256)
+
+
+def apply_preset(args) -> None:
+    """Fill the options a --preset sets, except those given on the command line (differing from the default)."""
+    values = dict(PRESETS[args.preset])
+    if "weight_norm" in DiTConfig.from_preset(values["model"], mp=args.mp).mp:
+        values.update(MP_PRESET_SCHEDULE)
+    for key, value in values.items():
+        if getattr(args, key) == args.option_defaults[key]:
+            setattr(args, key, value)
+
+
 def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
     """Model and training configs from the command line; the data fixes channels, size and classes."""
+    if getattr(args, "preset", None):
+        apply_preset(args)
     data = load_dataset(args.data, "train")
+    if getattr(args, "preset", None) and (data.channels, *data.resolution) != (4, 16, 16):
+        raise MPDiTError(f"--preset {args.preset} trains on 4x16x16 latents: pass --data latents:PATH "
+                         "(mpdit encode --resolution 128 with the SD VAE)")
     probe = DiTConfig.from_preset(args.model)
     size = args.image_size or default_image_size(max(data.resolution), probe.patch_size)
     model_cfg = DiTConfig.from_preset(
@@ -124,4 +149,8 @@ def register(subparsers) -> None:
     add_training_options(parser)
     parser.add_argument("--out", default=None, help="run folder for a new run")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR (optionally --steps N)")
-    parser.set_defaults(func=run)
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="the paper's runs on 4x16x16 latents (model, batch 256, 400k steps, EMA snapshots); "
+                             "combine with --mp/--conditioning; options given explicitly win (see docs/gpu.md)")
+    keys = {key for preset in PRESETS.values() for key in preset} | set(MP_PRESET_SCHEDULE)
+    parser.set_defaults(func=run, option_defaults={key: parser.get_default(key) for key in keys})

@@ -95,6 +95,10 @@ class ImageDataset(Dataset):
         """(H, W) of every image."""
         return self.images.shape[2], self.images.shape[3]
 
+    def model_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The images at ``indices`` in model space, float (B, C, H, W) in [-1, 1] (``generator`` unused)."""
+        return to_model_space(self.images[indices])
+
     def subset(self, indices) -> ImageDataset:
         """A new dataset holding the images at ``indices`` (a tensor, list or slice)."""
         if isinstance(indices, slice):
@@ -406,9 +410,10 @@ def _load_image_folder(root: Path, split: str, image_size):
 
 
 def load_dataset(spec: str, split: str = "train", image_size: int | None = None) -> ImageDataset:
-    """Load ``mnist``, ``idx:PATH`` or ``folder:PATH`` (see the module docstring) into memory."""
+    """Load ``mnist``, ``idx:PATH``, ``folder:PATH`` (see the module docstring) or ``latents:PATH``
+    (a :class:`mpdit.data.latents.LatentDataset` of ``mpdit encode`` shards) into memory."""
     if not isinstance(spec, str) or not spec.strip():
-        raise MPDiTError("dataset spec is empty: use mnist, idx:PATH or folder:PATH")
+        raise MPDiTError("dataset spec is empty: use mnist, idx:PATH, folder:PATH or latents:PATH")
     if split not in _SPLITS:
         raise MPDiTError(f"unknown split '{split}': use train or test")
     split = _SPLITS[split]
@@ -418,10 +423,14 @@ def load_dataset(spec: str, split: str = "train", image_size: int | None = None)
         return _load_mnist(split, image_size)
     prefix, sep, path = spec.partition(":")
     prefix = prefix.lower()
-    if not sep or prefix not in ("idx", "folder"):
-        raise MPDiTError(f"unknown dataset spec '{spec}': use mnist, idx:PATH or folder:PATH")
+    if not sep or prefix not in ("idx", "folder", "latents"):
+        raise MPDiTError(f"unknown dataset spec '{spec}': use mnist, idx:PATH, folder:PATH or latents:PATH")
     if not path:
         raise MPDiTError(f"dataset spec '{spec}' has no path: write {prefix}:PATH")
+    if prefix == "latents":
+        from mpdit.data.latents import load_latents
+
+        return load_latents(path, split, image_size)
     root = Path(os.path.expanduser(path))
     if not root.exists():
         raise MPDiTError(f"dataset path {root} does not exist")

@@ -14,10 +14,13 @@ from mpdit.model.dit import MPDiT
 @torch.no_grad()
 def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
              seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, decode=None, first_batch: int = 0) -> torch.Tensor:
     """Samples for class labels (N,) -> uint8 images (N, C, H, W).
 
-    Batch b draws its noise from a generator seeded by (seed, b): the same seed and batch size give the same images.
+    Batch b draws its noise from a generator seeded by (seed, first_batch + b): the same seed and batch size give
+    the same images (``first_batch`` lets a process produce batches first_batch.. of a larger set).
+    ``decode``: maps each batch of model outputs (float (B, C, H, W)) to uint8 images, e.g. a
+    ``mpdit.data.latents.LatentDecoder``; default ``to_uint8`` (pixel models).
     """
     if sampler not in SAMPLERS:
         raise MPDiTError(f"unknown sampler '{sampler}': choose {' or '.join(SAMPLERS)}")
@@ -31,11 +34,11 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
     batches = labels.split(batch_size)
     for b, y in enumerate(batches):
         y = y.to(device)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
         shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
         x = sample(lambda x_t, t: model.guided_forward(x_t, t, y, cfg_scale), shape, sampler=sampler, steps=steps,
                    generator=gen, device=device, learn_sigma=cfg.learn_sigma, progress=progress and b == 0)
-        out.append(to_uint8(x.cpu()))
+        out.append(decode(x) if decode is not None else to_uint8(x.cpu()))
     return torch.cat(out)
 
 

@@ -106,11 +106,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class y (N,) -> (N, D), with a null class (index num_classes) for classifier-free guidance."""
+    """Class y (N,) -> (N, D), with a null class (index num_classes) for classifier-free guidance.
+
+    Label dropout (replacing y by the null class with probability class_dropout_prob) is done by the
+    training loop from its seeded per-step generator, not here, so runs are reproducible across ranks.
+    """
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.num_classes, self.dropout_prob = cfg.num_classes, cfg.class_dropout_prob
         rows = cfg.num_classes + int(cfg.class_dropout_prob > 0)
         if cfg.has("mp_embedding"):
             self.embedding_table = MPEmbedding(rows, cfg.hidden_size)
@@ -119,9 +122,6 @@ class LabelEmbedder(nn.Module):
             nn.init.normal_(self.embedding_table.weight, std=0.02)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:  # label dropout: replace by the null class
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-            y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
 

@@ -29,7 +29,7 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): magnitude-preserving blend (EDM2 eq. 88)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    return a.lerp(b.to(a.dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 class MPSiLU(nn.Module):

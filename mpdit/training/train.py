@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mpdit.data.datasets import ImageDataset, load_dataset, to_model_space
+from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
-from mpdit.errors import MPDiTError
+from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.model.config import DiTConfig
 from mpdit.model.dit import MPDiT, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
@@ -76,11 +76,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MPDiTError(f"unknown training option '{unknown[0]}'")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "training option")
 
 
 def family_optimizer(model_cfg: DiTConfig) -> dict:
@@ -141,15 +137,17 @@ def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> torc
 
 
 def global_batch(data: ImageDataset, cfg: TrainConfig, model_cfg: DiTConfig, step: int):
-    """x0 (B, C, H, W) in [-1, 1], labels with dropout to the null class, t (B,), noise (B, C, H, W)."""
+    """x0 (B, C, H, W) in model space (data.model_batch), labels with dropout to the null class, t (B,), noise.
+
+    The data's own draws (a latent dataset's eps) come from the step's generator after t, noise and dropout.
+    """
     idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
-    x0 = to_model_space(data.images[idx])
     gen = step_generator(cfg.seed, step, stream=1)
     t = torch.randint(0, model_cfg.num_timesteps, (len(idx),), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn((len(idx), data.channels, *data.resolution), generator=gen)
     drop = torch.rand(len(idx), generator=gen) < model_cfg.class_dropout_prob
     y = torch.where(drop, model_cfg.num_classes, data.labels[idx])
-    return x0, y, t, noise
+    return data.model_batch(idx, gen), y, t, noise
 
 
 def weight_decay_groups(model: MPDiT, weight_decay: float) -> list[dict]:
@@ -185,9 +183,9 @@ class Trainer:
         self.telemetry = Telemetry(self.model)
 
     def check_data_fits_model(self) -> None:
-        images, m = self.data.images, self.model_cfg
-        if tuple(images.shape[1:]) != (m.in_channels, m.input_size, m.input_size):
-            raise MPDiTError(f"data {self.cfg.data} gives images {tuple(images.shape[1:])}, the model expects "
+        shape, m = (self.data.channels, *self.data.resolution), self.model_cfg
+        if shape != (m.in_channels, m.input_size, m.input_size):
+            raise MPDiTError(f"data {self.cfg.data} gives images {shape}, the model expects "
                              f"({m.in_channels}, {m.input_size}, {m.input_size}): set --image-size or the model size")
         if self.data.num_classes != m.num_classes:
             raise MPDiTError(f"data has {self.data.num_classes} classes, the model {m.num_classes}")

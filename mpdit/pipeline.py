@@ -1,0 +1,112 @@
+"""MPDiTPipeline: class-conditional sampling in diffusers style, with diffusers' schedulers.
+
+    pipe = MPDiTPipeline(model, dit_scheduler("ddim"), vae=vae, latent_mean=mean, latent_std=std)
+    images = pipe(class_labels=[207, 360], num_inference_steps=50, guidance_scale=1.5,
+                  generator=torch.Generator().manual_seed(0)).images  # PIL images
+
+The schedulers (DDPM, DDIM, DPMSolverMultistep, or any diffusers scheduler) are configured with
+DiT's diffusion (linear betas 1e-4..0.02 over 1000 steps, epsilon prediction, no clipping) and get
+the first C channels of the model's output, the epsilon (the learned-variance channels are dropped).
+Classifier-free guidance is the model's own (``MPDiT.guided_forward``). For a latent model the
+samples are un-normalized (z = x * latent_std + latent_mean) and decoded by the VAE.
+"""
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from mpdit.data.latents import LatentDecoder, load_vae
+from mpdit.errors import MPDiTError
+from mpdit.model.dit import MPDiT
+
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                    prediction_type="epsilon")
+SCHEDULERS = {"ddpm": (DDPMScheduler, dict(clip_sample=False, variance_type="fixed_small")),
+              "ddim": (DDIMScheduler, dict(clip_sample=False)),
+              "dpm": (DPMSolverMultistepScheduler, {})}
+
+
+def dit_scheduler(scheduler="ddim"):
+    """A diffusers scheduler with DiT's schedule: a name (ddpm, ddim, dpm), a scheduler class, or an instance
+    (its other settings kept)."""
+    if isinstance(scheduler, str):
+        if scheduler not in SCHEDULERS:
+            raise MPDiTError(f"unknown scheduler '{scheduler}': choose {', '.join(SCHEDULERS)} or pass a diffusers one")
+        cls, extra = SCHEDULERS[scheduler]
+        return cls(**DIT_SCHEDULE, **extra)
+    if isinstance(scheduler, type):
+        return scheduler(**DIT_SCHEDULE)
+    return type(scheduler).from_config(scheduler.config, **DIT_SCHEDULE)
+
+
+class MPDiTPipeline(DiffusionPipeline):
+    """transformer: an MPDiT; scheduler: a diffusers scheduler; vae: an AutoencoderKL for latent models (else None)
+    with the per-channel latent statistics latent_mean / latent_std (C,) (mean 0, std 1/0.18215 for official DiT)."""
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(self, transformer: MPDiT, scheduler, vae=None, latent_mean=None, latent_std=None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        c = transformer.config.in_channels
+        self.latent_mean = torch.zeros(c) if latent_mean is None else torch.as_tensor(latent_mean, dtype=torch.float32)
+        self.latent_std = torch.ones(c) if latent_std is None else torch.as_tensor(latent_std, dtype=torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        """The transformer's device (an MPDiT has no ``.device`` attribute for diffusers to read)."""
+        return next(self.transformer.parameters()).device
+
+    def to(self, *args, **kwargs) -> "MPDiTPipeline":
+        """Move the transformer and the VAE (torch's .to arguments; diffusers' version needs module.dtype)."""
+        for module in (self.transformer, self.vae):
+            if module is not None:
+                module.to(*args, **kwargs)
+        return self
+
+    @classmethod
+    def from_pretrained_model(cls, path: str, scheduler="ddim", vae: str | None = None) -> "MPDiTPipeline":
+        """A pipeline for a folder or Hub repo written by ``mpdit.model.hub.save_pretrained`` (VAE from its mpdit.json
+        unless ``vae`` is given)."""
+        from mpdit.model.hub import read_info
+
+        latents = read_info(path).get("latents") or {}
+        model = MPDiT.from_pretrained(path)
+        vae_name = vae or latents.get("vae")
+        return cls(model, dit_scheduler(scheduler), load_vae(vae_name) if vae_name else None,
+                   latents.get("channel_mean"), latents.get("channel_std"))
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int = 50, guidance_scale: float = 1.0, generator=None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Samples for ``class_labels`` (a list of class indices): ImagePipelineOutput(images=[PIL images]), or
+        (images,) when not return_dict. output_type "pil", "np" (uint8 (N, H, W, C)) or "pt" (uint8 (N, C, H, W))."""
+        cfg, device = self.transformer.config, self.device
+        y = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if len(y) == 0 or int(y.min()) < 0 or int(y.max()) >= cfg.num_classes:
+            raise MPDiTError(f"class_labels must be a non-empty list of classes in 0..{cfg.num_classes - 1}")
+        if output_type not in ("pil", "np", "pt"):
+            raise MPDiTError(f"unknown output_type '{output_type}': choose pil, np or pt")
+        y, c = y.to(device), cfg.in_channels
+        shape = (len(y), c, cfg.input_size, cfg.input_size)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.transformer.eval()
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(x, t)
+            out = self.transformer.guided_forward(x_in, t.reshape(1).expand(len(y)).to(device), y, guidance_scale)
+            x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # epsilon channels only
+        if self.vae is not None:
+            images = LatentDecoder(self.vae, self.latent_mean, self.latent_std)(x)
+        else:
+            from mpdit.data.datasets import to_uint8
+
+            images = to_uint8(x.cpu())
+        self.maybe_free_model_hooks()
+        if output_type != "pt":
+            images = images.permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                from PIL import Image
+
+                images = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images]
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
