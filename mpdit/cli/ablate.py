@@ -6,6 +6,7 @@ runs are skipped and interrupted ones resume from their last checkpoint.
 from dataclasses import replace
 from pathlib import Path
 
+from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.ablation import PRESETS, Budget, load_grid, run_grid, with_lr_sweep
 
@@ -59,5 +60,5 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-num", type=int, default=500)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sample-steps", type=int, default=50)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE)
     parser.set_defaults(func=run)

@@ -26,7 +26,7 @@ import torch
 from mpdit.cli.sample import (add_sampling_options, device_of, load_checkpoint_model, load_sampling_model,
                               parse_classes, run_data_spec)
 from mpdit.data.latents import list_images, read_image
-from mpdit.diffusion.generate import generate, save_npz
+from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_npz
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.metrics import (FeatureStats, InceptionFeatures, classifier_metrics, feature_stats,
                                       inception_fid, real_data_baseline, reference_images)
@@ -38,7 +38,7 @@ PROTOCOLS = {"fid10k": 10_000, "fid50k": 50_000}
 
 
 def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sampler: str = "ddim", steps: int = 50,
-             cfg_scale: float = 2.0, seed: int = 0, batch_size: int = 250, device: str = "auto",
+             cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0, batch_size: int = 250, device: str = "auto",
              data: str | None = None, inception: bool = False, inception_weights: str | None = None,
              baseline: bool = True, progress: bool = True) -> dict:
     """Sample, score, and return {"metrics", "baseline", "protocol"} (see the module doc for the protocol)."""

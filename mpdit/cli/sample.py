@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
-from mpdit.diffusion.generate import generate, save_grid, save_npz
+from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_grid, save_npz
 from mpdit.diffusion.sampling import SAMPLERS
 from mpdit.errors import MPDiTError
 from mpdit.model.convert import load_official_checkpoint
@@ -99,7 +99,8 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
     parser.add_argument("--sampler", default="ddim", help=f"{' or '.join(SAMPLERS)} (default ddim)")
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+                        help=f"classifier-free guidance scale (1: none; default {DEFAULT_CFG_SCALE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

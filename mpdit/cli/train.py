@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from mpdit.data.datasets import load_dataset
-from mpdit.diffusion.generate import generate, grid_labels, save_grid
+from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
 from mpdit.nn.modulation import CONDITIONINGS
@@ -65,7 +65,7 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
     return model_cfg, train_cfg
 
 
-def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float = 2.0):
+def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float = DEFAULT_CFG_SCALE):
     """A callback for Trainer.run that writes RUN_DIR/samples/step-NNNNNNN.png from the current raw weights."""
 
     def write(trainer: Trainer) -> None:

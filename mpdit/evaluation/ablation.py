@@ -16,6 +16,7 @@ from pathlib import Path
 from mpdit.cli.eval import evaluate
 from mpdit.cli.params import count_params
 from mpdit.data.datasets import load_dataset
+from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.model.config import MP_SWITCHES, DiTConfig, parse_mp
 from mpdit.nn.modulation import conditioning_ops
@@ -100,7 +101,7 @@ class Budget:
     eval_num: int = 500
     sampler: str = "ddim"
     sample_steps: int = 50
-    cfg_scale: float = 2.0
+    cfg_scale: float = DEFAULT_CFG_SCALE
     t_ref: int = 1000
     warmup_steps: int = 100
 
