@@ -39,32 +39,37 @@ class MPSiLU(nn.Module):
         return mp_silu(x)
 
 
-class LinearRecomputingWeight(torch.autograd.Function):
-    """y = x W^T with W = weight_fn(*params) recomputed in backward instead of saved.
+class WeightNormLinear(torch.autograd.Function):
+    """y = x W^T with W = c w / n, n = eps + ||w_row|| / sqrt(fan_in) (normalize, per row), c = scale * gain.
 
-    A weight-normalized layer would otherwise keep its normalized weight alive until backward:
-    one extra copy of every weight. Recomputing it costs a few weight-sized ops; the matmuls are not redone.
+    The backward uses the closed-form gradient of the normalization,
+    dL/dw = (c / n) (G - w (G . w)_row / (n ||w_row|| sqrt(fan_in))), dL/dgain = scale sum_rows (G . w)_row / n,
+    with G = dL/dW, and recomputes W from w instead of saving it: no weight-sized tensor is kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_fn, *params: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            w = weight_fn(*params)
-        ctx.weight_fn = weight_fn
-        ctx.save_for_backward(x, *params)
-        return F.linear(x, w.to(x.dtype))
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor | None, scale: float) -> torch.Tensor:
+        fan_in = weight.shape[1]
+        rms = torch.linalg.vector_norm(weight, dim=1, keepdim=True) / math.sqrt(fan_in)  # (out, 1)
+        norm = rms + EPS
+        coef = scale / norm if gain is None else (scale * gain) / norm
+        ctx.save_for_backward(x, weight, rms, gain)
+        ctx.scale = scale
+        return F.linear(x, (weight * coef).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, *params = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
-            w = ctx.weight_fn(*leaves)
-        grad_x = grad_out @ w.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = iter(torch.autograd.grad(w, wanted, grad_w.to(w.dtype)) if wanted else ())
-        return (grad_x, None, *[next(grads) if leaf.requires_grad else None for leaf in leaves])
+        x, weight, rms, gain = ctx.saved_tensors
+        fan_in = weight.shape[1]
+        norm = rms + EPS
+        coef = ctx.scale / norm if gain is None else (ctx.scale * gain) / norm
+        grad_x = grad_out @ (weight * coef).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_w_eff = (grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+        grad_w_eff = grad_w_eff.to(weight.dtype)  # G: (out, in)
+        dot = (grad_w_eff * weight).sum(dim=1, keepdim=True)  # (G . w) per row
+        grad_weight = coef * (grad_w_eff - weight * (dot / (norm * rms.clamp_min(1e-30) * fan_in)))
+        grad_gain = (ctx.scale * dot / norm).sum().reshape(gain.shape) if gain is not None else None
+        return grad_x, grad_weight, grad_gain, None
 
 
 class MPLinear(nn.Module):
@@ -111,11 +116,6 @@ class MPLinear(nn.Module):
             w = w * self.gain
         return w.to(dtype)
 
-    def _weight_from(self, weight: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
-        """effective_weight's formula on given tensors (traditional, float32), for LinearRecomputingWeight."""
-        w = normalize(weight) * (self.input_gain / math.sqrt(self.fan_in))
-        return w if gain is None else w * gain
-
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         key = (self.weight._version, None if self.gain is None else self.gain._version, dtype, self.weight.device)
         if self._cache is None or self._cache[0] != key:
@@ -131,8 +131,7 @@ class MPLinear(nn.Module):
             w = self._cached_weight(x.dtype)
         elif self.traditional and self.patch_size is None and torch.is_grad_enabled():
             self._cache = None
-            params = (self.weight,) if self.gain is None else (self.weight, self.gain)
-            return LinearRecomputingWeight.apply(x, self._weight_from, *params)
+            return WeightNormLinear.apply(x, self.weight, self.gain, self.input_gain / math.sqrt(self.fan_in))
         else:
             self._cache = None
             w = self.effective_weight(x.dtype)
