@@ -210,13 +210,20 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget) -> list[dict]:
         raise MPDiTError("grid rows need distinct names")
     (out / "grid.json").write_text(json.dumps({"budget": dataclasses.asdict(budget),
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    records = [train_and_eval(out, row, seed, budget)
-               for row in rows for seed in range(row.seeds or budget.seeds)]
+    records, lines = [], []
+    for row in rows:  # results are rewritten after every run, so an unfinished grid shows what it has
+        for seed in range(row.seeds or budget.seeds):
+            records.append(train_and_eval(out, row, seed, budget))
+            lines = write_results(out, records, budget, baseline=names[0])
+    return lines
+
+
+def write_results(out: Path, records: list[dict], budget: Budget, baseline: str) -> list[dict]:
+    """OUT/results.csv (one line per run) and OUT/results.md (one line per row); returns the row summaries."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    baseline = names[0]
     lines = summarize(records, baseline)
     (out / "results.md").write_text(markdown_table(lines, budget, baseline) + best_lr_table(lines))
     return lines
