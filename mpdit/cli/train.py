@@ -86,6 +86,8 @@ def run(args) -> int:
         resolve_checkpoint(run_dir)
         if args.steps is not None:
             train_cfg.steps = args.steps
+        if args.no_progress:
+            train_cfg.progress = False
         trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True)
     else:
         if args.out is None:
