@@ -39,7 +39,10 @@ PLAN, METADATA = "plan.json", "metadata.json"
 
 def load_vae(name: str = DEFAULT_VAE, device: str | torch.device = "cpu"):
     """diffusers' AutoencoderKL from a local folder or a Hub id, in eval mode on ``device``."""
-    from diffusers import AutoencoderKL
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise MPDiTError("the VAE needs diffusers: pip install -e \".[vae]\"") from None
 
     try:
         vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)  # no accelerate needed
