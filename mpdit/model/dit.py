@@ -5,6 +5,7 @@ With mp=() and conditioning='adaln-zero' this is DiT layer for layer and initial
 with mp='all' and conditioning='scale-rotation-gate' it is the paper's MP model with rotation modulation.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -17,8 +18,18 @@ from mpdit.diffusion.schedule import noise_conditioning
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
 from mpdit.nn.modulation import ConditionProjection, conditioning_ops, modulate
-from mpdit.nn.primitives import (MPEmbedding, MPFourier, MPLinear, MPSiLU, mp_pos_embed_2d, mp_sum,
-                                 normalize, sincos_pos_embed_2d, timestep_sinusoidal)
+from mpdit.nn.primitives import (
+    MPEmbedding,
+    MPFourier,
+    MPLinear,
+    MPSiLU,
+    mp_pos_embed_2d,
+    mp_sum,
+    normalize,
+    sincos_pos_embed_2d,
+    timestep_sinusoidal,
+)
+from mpdit.training.checkpoint import load_safetensors
 
 
 def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
@@ -303,28 +314,16 @@ def build_model(model: str = "DiT-S/2", **overrides) -> MPDiT:
 
 def load_model(path: str | Path, weights: str = "model.safetensors", device: str | torch.device = "cpu") -> MPDiT:
     """Rebuild the model from PATH/config.json alone and load PATH/<weights>; one-line errors otherwise."""
-    import json
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    config_path, weights_path = path / "config.json", path / weights
+    config_path = path / "config.json"
     if not config_path.is_file():
         raise MPDiTError(f"no model config at {config_path}: pass a checkpoint folder holding config.json")
-    if not weights_path.is_file():
-        raise MPDiTError(f"no weights file at {weights_path}: pass a checkpoint folder holding {weights}")
     try:
         config = DiTConfig.from_dict(json.loads(config_path.read_text()))
     except json.JSONDecodeError as error:
         raise MPDiTError(f"model config {config_path} is not valid JSON ({error})") from None
     model = MPDiT(config)
-    try:
-        state = load_file(weights_path, device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise MPDiTError(f"weights file {weights_path} is corrupt or truncated ({error}): "
-                         "use another checkpoint") from None
-    load_state_dict_checked(model, state, str(weights_path))
+    load_state_dict_checked(model, load_safetensors(path / weights, device), str(path / weights))
     return model.to(device)
 
 
