@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
 from mpdit.errors import MPDiTError
@@ -101,7 +103,11 @@ def run(args) -> int:
         print(f"model {model_cfg.name} mp={','.join(model_cfg.mp) or 'none'} conditioning={model_cfg.conditioning}: "
               f"{trainer.model.num_params():,} parameters; data {train_cfg.data} ({len(trainer.data)} images); "
               f"lr {train_cfg.lr} {train_cfg.schedule}; device {trainer.dist.device} x{trainer.dist.world_size}")
-    last = trainer.run(sample_grid_callback())
+    try:
+        last = trainer.run(sample_grid_callback())
+    finally:
+        if torch.distributed.is_initialized():  # leave the process group cleanly (gloo aborts at exit otherwise)
+            torch.distributed.destroy_process_group()
     if trainer.dist.is_main:
         print(json.dumps({"run": str(run_dir), "checkpoint": str(last), "log": str(run_dir / "log.jsonl"),
                           "samples": str(run_dir / "samples"), "step": trainer.step}))
