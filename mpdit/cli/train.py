@@ -12,7 +12,7 @@ from mpdit.model.config import DiTConfig
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import resolve_checkpoint
 from mpdit.training.schedules import SCHEDULES
-from mpdit.training.train import TrainConfig, Trainer, default_image_size, family_optimizer, read_run_configs
+from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
 DEFAULT_STEPS = 3000
 
@@ -45,12 +45,9 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
     if getattr(args, "preset", None) and (data.channels, *data.resolution) != (4, 16, 16):
         raise MPDiTError(f"--preset {args.preset} trains on 4x16x16 latents: pass --data latents:PATH "
                          "(mpdit encode --resolution 128 with the SD VAE)")
-    probe = DiTConfig.from_preset(args.model)
-    size = args.image_size or default_image_size(max(data.resolution), probe.patch_size)
-    model_cfg = DiTConfig.from_preset(
-        args.model, mp=args.mp, conditioning=args.conditioning, timestep_input=args.timestep_input,
-        input_size=size, in_channels=data.channels, num_classes=data.num_classes,
-        class_dropout_prob=args.class_dropout)
+    model_cfg = model_config_for_data(args.model, data, args.image_size, mp=args.mp, conditioning=args.conditioning,
+                                      timestep_input=args.timestep_input, class_dropout_prob=args.class_dropout)
+    size = model_cfg.input_size
     family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
     if args.betas is not None:

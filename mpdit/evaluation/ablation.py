@@ -21,7 +21,7 @@ from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.model.config import MP_SWITCHES, DiTConfig, parse_mp
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import list_checkpoints
-from mpdit.training.train import TrainConfig, Trainer, default_image_size, family_optimizer, read_run_configs
+from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
 @dataclass
 class Row:
@@ -115,18 +115,16 @@ def train_and_eval(out: Path, row: Row, seed: int, budget: Budget) -> dict:
     folder = run_dir(out, row, seed)
     done = list_checkpoints(folder)
     if not done or done[-1][0] < budget.steps:
-        data = load_dataset(budget.data, "train")
-        probe = DiTConfig.from_preset(budget.model)
-        size = default_image_size(max(data.resolution), probe.patch_size)
-        model_cfg = DiTConfig.from_preset(budget.model, mp=row.mp, conditioning=row.conditioning,
-                                          timestep_input=row.timestep_input, input_size=size,
-                                          in_channels=data.channels, num_classes=data.num_classes)
-        train_cfg = TrainConfig(data=budget.data, image_size=size, steps=budget.steps, batch_size=budget.batch_size,
-                                seed=seed, t_ref=budget.t_ref, ckpt_every=max(budget.steps // 4, 1),
-                                telemetry_every=max(budget.steps // 20, 1), log_every=max(budget.steps // 100, 1),
-                                progress=False, **{"warmup_steps": budget.warmup_steps, **row.optimizer()})
         if done:
             model_cfg, train_cfg = read_run_configs(folder)
+        else:
+            model_cfg = model_config_for_data(budget.model, load_dataset(budget.data, "train"), mp=row.mp,
+                                              conditioning=row.conditioning, timestep_input=row.timestep_input)
+            train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
+                                    batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
+                                    ckpt_every=max(budget.steps // 4, 1), telemetry_every=max(budget.steps // 20, 1),
+                                    log_every=max(budget.steps // 100, 1), progress=False,
+                                    **{"warmup_steps": budget.warmup_steps, **row.optimizer()})
         trainer = Trainer(folder, model_cfg, train_cfg, resume=bool(done))
         print(f"[ablate] {row.name} seed {seed}: training to step {budget.steps} ({'resumed' if done else 'new'})")
         trainer.run()

@@ -89,6 +89,13 @@ def default_image_size(native: int, patch: int) -> int:
     return -(-native // patch) * patch
 
 
+def model_config_for_data(model: str, data: ImageDataset, image_size: int | None = None, **overrides) -> DiTConfig:
+    """A zoo model sized for a dataset: its channels and classes, input padded to a multiple of the patch size."""
+    size = image_size or default_image_size(max(data.resolution), DiTConfig.from_preset(model).patch_size)
+    return DiTConfig.from_preset(model, input_size=size, in_channels=data.channels, num_classes=data.num_classes,
+                                 **overrides)
+
+
 @dataclass
 class Distributed:
     """Rank layout: a single process unless launched by torchrun."""
