@@ -75,6 +75,7 @@ def test_mnist_padding_to_32():
     border[:, :, 2:30, 2:30] = 0
     assert int(border.sum()) == 0
     assert torch.equal(center_crop_or_pad(test32.images, 28), test28.images)
+    assert torch.equal(test28.fit(32).images, test32.images) and test28.fit(28) is test28
 
 
 @needs_mnist
@@ -231,6 +232,7 @@ def test_folder_sizes(tmp_path):
     assert torch.all(data.images[1] == 100)
     data8 = load_dataset(f"folder:{tmp_path}", image_size=8)
     assert data8.images.shape == (2, 1, 8, 8) and torch.all(data8.images[0] == 200)
+    assert torch.equal(data8.fit(16).images[:, :, 4:12, 4:12], data8.images)  # a loaded dataset pads like a load
 
 
 def test_folder_errors(tmp_path):

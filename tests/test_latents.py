@@ -156,11 +156,11 @@ def test_presets_fill_unset_options(setup):
     root, _ = setup
     data = f"latents:{root / 'enc'}"
     parse = lambda *argv: build_parser().parse_args(["train", "--data", data, "--out", "x", *argv])  # noqa: E731
-    model_cfg, cfg = build_configs(parse("--preset", "paper-s2", "--mp", "none", "--conditioning", "adaln-zero",
+    model_cfg, cfg, _ = build_configs(parse("--preset", "paper-s2", "--mp", "none", "--conditioning", "adaln-zero",
                                          "--batch-size", "8"))
     assert (model_cfg.name, model_cfg.input_size, model_cfg.in_channels) == ("DiT-S/2", 16, 4)
     assert (cfg.batch_size, cfg.steps, cfg.lr, cfg.schedule, cfg.warmup_steps) == (8, 400_000, 1e-4, "constant", 0)
-    model_cfg, cfg = build_configs(parse("--preset", "paper-xs2"))
+    model_cfg, cfg, _ = build_configs(parse("--preset", "paper-xs2"))
     assert (model_cfg.name, model_cfg.conditioning, cfg.batch_size, cfg.lr, cfg.schedule) == \
         ("DiT-XS/2", "scale-rotation-gate", 256, 1e-2, "edm2")
     assert (cfg.warmup_steps, cfg.t_ref, cfg.ema_sigma_rels) == (39_062, 560_000, (0.05, 0.10))

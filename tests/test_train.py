@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,23 @@ def test_resume_errors(tmp_path, tiny_idx):
 def test_bad_data_errors(tmp_path):
     with pytest.raises(MPDiTError):
         main_raise(["train", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "run"), "--steps", "1"])
+
+
+def test_train_on_mixed_size_folder_decodes_it_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mpdit.data import datasets
+    for k, (cls, size) in enumerate([("a", (10, 10)), ("a", (12, 20)), ("b", (9, 9)), ("b", (16, 16))]):
+        (tmp_path / "data" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full(size, 40 * k, np.uint8)).save(tmp_path / "data" / cls / f"{k}.png")
+    decoded = []
+    real_decode = datasets._decode_image
+    monkeypatch.setattr(datasets, "_decode_image", lambda path: decoded.append(path) or real_decode(path))
+    main_raise(["train", "--data", f"folder:{tmp_path / 'data'}", "--image-size", "8", "--model", "DiT-Nano/4",
+                "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--sample-every", "0",
+                "--no-progress"])
+    assert len(decoded) == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["input_size"] == 8
 
 
 @pytest.mark.parametrize("precision,compile_model", [("bf16", False), ("fp32", True)])

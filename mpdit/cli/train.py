@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from mpdit.data.datasets import load_dataset
+from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
@@ -37,11 +37,12 @@ def apply_preset(args) -> None:
             setattr(args, key, value)
 
 
-def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
-    """Model and training configs from the command line; the data fixes channels, size and classes."""
+def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
+    """Model and training configs from the command line, and the training data, which fixes channels, size and
+    classes (loaded once here and handed to the Trainer)."""
     if getattr(args, "preset", None):
         apply_preset(args)
-    data = load_dataset(args.data, "train")
+    data = load_dataset(args.data, "train", args.image_size)
     if getattr(args, "preset", None) and (data.channels, *data.resolution) != (4, 16, 16):
         raise MPDiTError(f"--preset {args.preset} trains on 4x16x16 latents: pass --data latents:PATH "
                          "(mpdit encode --resolution 128 with the SD VAE)")
@@ -61,7 +62,7 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig]:
         telemetry_every=args.telemetry_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
         keep_checkpoints=args.keep_checkpoints, precision=args.precision, compile=args.compile, device=args.device,
         progress=not args.no_progress, **options)
-    return model_cfg, train_cfg
+    return model_cfg, train_cfg, data
 
 
 def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float = DEFAULT_CFG_SCALE):
@@ -94,8 +95,8 @@ def run(args) -> int:
         run_dir = Path(args.out)
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
             raise MPDiTError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
-        model_cfg, train_cfg = build_configs(args)
-        trainer = Trainer(run_dir, model_cfg, train_cfg)
+        model_cfg, train_cfg, data = build_configs(args)
+        trainer = Trainer(run_dir, model_cfg, train_cfg, data=data)
     if trainer.dist.is_main:
         print(f"model {model_cfg.name} mp={','.join(model_cfg.mp) or 'none'} conditioning={model_cfg.conditioning}: "
               f"{trainer.model.num_params():,} parameters; data {train_cfg.data} ({len(trainer.data)} images); "

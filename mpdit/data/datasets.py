@@ -108,6 +108,13 @@ class ImageDataset(Dataset):
             self.images[indices], self.labels[indices], self.num_classes, list(self.class_names), self.source
         )
 
+    def fit(self, image_size: int) -> ImageDataset:
+        """The same images padded (or resized) to ``image_size``, as ``load_dataset(..., image_size)`` would give."""
+        if self.resolution == (image_size, image_size):
+            return self
+        return ImageDataset(_fit_to_size(self.images, _check_image_size(image_size)), self.labels, self.num_classes,
+                            list(self.class_names), self.source)
+
     def sample(self, num_images: int, seed: int = 0) -> ImageDataset:
         """``num_images`` images drawn without replacement, the same ones for the same seed."""
         if not 0 < num_images <= len(self):

@@ -285,6 +285,13 @@ class LatentDataset:
     def resolution(self) -> tuple[int, int]:
         return self.mean.shape[2], self.mean.shape[3]
 
+    def fit(self, image_size: int) -> LatentDataset:
+        """Itself when the latents are ``image_size`` wide; latents cannot be padded or resized."""
+        if image_size != self.resolution[0]:
+            raise MPDiTError(f"latents:{self.path} are {self.resolution[0]}x{self.resolution[1]}: image size "
+                             f"{image_size} cannot change them (encode at another --resolution)")
+        return self
+
     def model_batch(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Normalized latent samples (B, C, h, w), eps drawn from ``generator``."""
         mean, std = self.mean[indices].float(), self.std[indices].float()
@@ -301,10 +308,7 @@ def load_latents(path: str | Path, split: str, image_size: int | None) -> Latent
                              f"(encode the validation images into {path / 'val'})")
         path = path / "val"
     data = LatentDataset(path)
-    if image_size is not None and image_size != data.resolution[0]:
-        raise MPDiTError(f"latents:{path} are {data.resolution[0]}x{data.resolution[1]}: image size {image_size} "
-                         "cannot change them (encode at another --resolution)")
-    return data
+    return data if image_size is None else data.fit(image_size)
 
 
 # ----------------------------------------------------------------------------------------------

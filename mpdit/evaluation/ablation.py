@@ -115,17 +115,19 @@ def train_and_eval(out: Path, row: Row, seed: int, budget: Budget) -> dict:
     folder = run_dir(out, row, seed)
     done = list_checkpoints(folder)
     if not done or done[-1][0] < budget.steps:
+        data = None
         if done:
             model_cfg, train_cfg = read_run_configs(folder)
         else:
-            model_cfg = model_config_for_data(budget.model, load_dataset(budget.data, "train"), mp=row.mp,
+            data = load_dataset(budget.data, "train")
+            model_cfg = model_config_for_data(budget.model, data, mp=row.mp,
                                               conditioning=row.conditioning, timestep_input=row.timestep_input)
             train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
                                     batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
                                     ckpt_every=max(budget.steps // 4, 1), telemetry_every=max(budget.steps // 20, 1),
                                     log_every=max(budget.steps // 100, 1), progress=False,
                                     **{"warmup_steps": budget.warmup_steps, **row.optimizer()})
-        trainer = Trainer(folder, model_cfg, train_cfg, resume=bool(done))
+        trainer = Trainer(folder, model_cfg, train_cfg, resume=bool(done), data=data)
         print(f"[ablate] {row.name} seed {seed}: training to step {budget.steps} ({'resumed' if done else 'new'})")
         trainer.run()
     eval_path = folder / "eval.json"

@@ -168,11 +168,14 @@ def weight_decay_groups(model: MPDiT, weight_decay: float) -> list[dict]:
 class Trainer:
     """Owns the model, optimizer, EMAs and run directory; `run()` trains to cfg.steps."""
 
-    def __init__(self, run_dir: Path, model_cfg: DiTConfig, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, run_dir: Path, model_cfg: DiTConfig, cfg: TrainConfig, resume: bool = False,
+                 data: ImageDataset | None = None):
+        """``data``: the training split already in memory (fitted to the model's size here); else cfg.data is loaded."""
         self.run_dir, self.model_cfg, self.cfg = Path(run_dir), model_cfg, cfg
         self.dist = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)  # model init
-        self.data = load_dataset(cfg.data, "train", cfg.image_size or model_cfg.input_size)
+        size = cfg.image_size or model_cfg.input_size
+        self.data = data.fit(size) if data is not None else load_dataset(cfg.data, "train", size)
         self.check_data_fits_model()
         self.model = MPDiT(model_cfg).to(self.dist.device)
         self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
