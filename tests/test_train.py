@@ -54,6 +54,15 @@ def test_loss_goes_down(tmp_path):
     assert last < 0.6 * first
 
 
+@pytest.mark.parametrize("keep,kept", [(2, [8, 12]), (0, [4, 8, 12])])
+def test_keep_checkpoints(tmp_path, tiny_idx, keep, kept):
+    model_cfg, cfg = configs(tiny_idx, keep_checkpoints=keep, telemetry_every=0)
+    Trainer(tmp_path, model_cfg, cfg).run()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == kept
+    with pytest.raises(MPDiTError, match="keep_checkpoints must be >= 0"):
+        configs(tiny_idx, keep_checkpoints=-1)
+
+
 def test_log_has_telemetry_and_checkpoint_layout(tmp_path, tiny_idx):
     model_cfg, cfg = configs(tiny_idx)
     Trainer(tmp_path, model_cfg, cfg).run()

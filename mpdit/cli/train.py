@@ -142,7 +142,7 @@ def add_training_options(parser) -> None:
     parser.add_argument("--telemetry-every", type=int, default=200)
     parser.add_argument("--sample-every", type=int, default=0, help="sample grid every K steps (0: at the end)")
     parser.add_argument("--ckpt-every", type=int, default=500)
-    parser.add_argument("--keep-checkpoints", type=int, default=3)
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: keep all)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -70,7 +70,7 @@ class TrainConfig:
             raise MPDiTError(f"unknown precision '{self.precision}': choose fp32 or bf16")
         if self.steps < 0 or self.batch_size < 1:
             raise MPDiTError("steps must be >= 0 and batch size >= 1")
-        for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every"):
+        for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise MPDiTError(f"{name} must be >= 0")
 
@@ -248,7 +248,8 @@ class Trainer:
             })
         if self.power_ema and self.step > 0 and not self.cfg.snapshot_every:
             save_snapshot(self.run_dir, self.step, self.power_ema)
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        if self.cfg.keep_checkpoints:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return ckpt.checkpoint_dir(self.run_dir, self.step)
 
     def load_latest(self) -> None:
