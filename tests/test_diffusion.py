@@ -230,6 +230,21 @@ def test_training_losses_oracle():
     assert (wrong["vb"][1:] > out["vb"][1:]).all() and wrong["vb"][1] > 0.05
 
 
+def test_min_snr_weighting():
+    t = torch.tensor([0, 50, 100, 140, 300, 999])
+    snr = BASE.alphas_cumprod[t] / (1 - BASE.alphas_cumprod[t])
+    weights = BASE.min_snr_weights(t, 5.0)
+    torch.testing.assert_close(weights.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr,
+                               rtol=1e-6, atol=0)
+    assert weights[0] < 0.002 and weights[-2:].tolist() == [1.0, 1.0]  # SNR ~1e4 at t = 0, below 5 from t ~ 130 on
+    torch.manual_seed(3)
+    x0, noise = torch.rand(6, 1, 4, 4) * 2 - 1, torch.randn(6, 1, 4, 4)
+    off_by_one = lambda x, tt: torch.cat([noise + 1, torch.zeros_like(x0)], 1)  # mse 1 at every step
+    out = BASE.training_losses(off_by_one, x0, t, noise, min_snr_gamma=5.0)
+    torch.testing.assert_close(out["loss"], weights * out["mse"] + out["vb"])
+    torch.testing.assert_close(out["mse"], torch.ones(6))
+
+
 def test_training_losses_decrease_towards_the_noise():
     torch.manual_seed(2)
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1

@@ -56,7 +56,7 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
     options = {**family, **chosen}
     train_cfg = TrainConfig(
         data=args.data, image_size=size, steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, t_ref=args.t_ref,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay or None,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, min_snr_gamma=args.min_snr_gamma, ema_decay=args.ema_decay or None,
         ema_sigma_rels=tuple(float(s) for s in args.ema_sigma_rels.split(",") if s),
         snapshot_every=args.snapshot_every, seed=args.seed, log_every=args.log_every,
         telemetry_every=args.telemetry_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
@@ -134,6 +134,8 @@ def add_training_options(parser) -> None:
     parser.add_argument("--betas", default=None, help="Adam betas 'b1,b2' (default 0.9,0.99 MP; 0.9,0.999 DiT)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    parser.add_argument("--min-snr-gamma", type=float, default=0.0,
+                        help="weight the mse term by min(SNR, gamma) / SNR (Min-SNR; default 0: off, as DiT)")
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="classic EMA decay (0 disables)")
     parser.add_argument("--ema-sigma-rels", default="0.05,0.10", help="power-function EMA sigma_rel list")
     parser.add_argument("--snapshot-every", type=int, default=0, help="power-EMA snapshots (0: at checkpoints)")

@@ -190,10 +190,17 @@ class GaussianDiffusion:
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
         return torch.where(t.to(x0.device) == 0, nll, kl)
 
-    def training_losses(self, model_fn, x0, t, noise=None) -> dict:
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023), (N,):
+        min(SNR_t, gamma) / SNR_t with SNR_t = abar_t / (1 - abar_t); 1 wherever SNR_t <= gamma."""
+        abar = self.alphas_cumprod[t.cpu()]
+        return (gamma * (1.0 - abar) / abar).clamp(max=1.0).to(torch.float32).to(t.device)
+
+    def training_losses(self, model_fn, x0, t, noise=None, min_snr_gamma: float = 0.0) -> dict:
         """DiT's loss for x0 (N, C, H, W) at steps t (N,): dict of per-sample (N,) tensors
         mse = mean ||eps - eps_theta||^2, vb = VB term with the mean detached (0 without learn_sigma),
-        loss = mse + vb (unscaled, as ADM's LossType.MSE with learned sigma).
+        loss = mse + vb (unscaled, as ADM's LossType.MSE with learned sigma). ``min_snr_gamma`` > 0
+        weights the mse term by :meth:`min_snr_weights` in ``loss`` (off, as in DiT, by default).
 
         model_fn(x_t, t_model) -> (N, 2C or C, H, W) is called with original-scale timesteps.
         """
@@ -209,7 +216,8 @@ class GaussianDiffusion:
             vb = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, x_t, t)
         else:
             vb = torch.zeros_like(mse)
-        return dict(loss=mse + vb, mse=mse, vb=vb)
+        weight = self.min_snr_weights(t, min_snr_gamma) if min_snr_gamma > 0 else 1.0
+        return dict(loss=weight * mse + vb, mse=mse, vb=vb)
 
 
 # ----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weighting of the mse term; 0: DiT's unweighted loss
     ema_decay: float | None = 0.9999  # classic EMA; None disables
     ema_sigma_rels: tuple[float, ...] = (0.05, 0.10)  # power-function EMA; () disables
     snapshot_every: int = 0  # power-EMA snapshots for post-hoc reconstruction; 0: at checkpoints only
@@ -68,6 +69,8 @@ class TrainConfig:
         self.ema_sigma_rels = tuple(self.ema_sigma_rels)
         if self.precision not in ("fp32", "bf16"):
             raise MPDiTError(f"unknown precision '{self.precision}': choose fp32 or bf16")
+        if self.min_snr_gamma < 0:
+            raise MPDiTError(f"min_snr_gamma must be >= 0 (0: off), got {self.min_snr_gamma}")
         if self.steps < 0 or self.batch_size < 1:
             raise MPDiTError("steps must be >= 0 and batch size >= 1")
         for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every", "keep_checkpoints"):
@@ -286,7 +289,8 @@ class Trainer:
         set_lr(self.optimizer, self.schedule(self.step))
         self.model.train()
         with self.telemetry.recording(record), self.autocast():
-            losses = self.diffusion.training_losses(lambda x, s: self.forward(x, s, y), x0, t, noise)
+            losses = self.diffusion.training_losses(lambda x, s: self.forward(x, s, y), x0, t, noise,
+                                                    min_snr_gamma=self.cfg.min_snr_gamma)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
