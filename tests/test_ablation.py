@@ -8,7 +8,7 @@ import torch
 
 from mpdit.cli.main import build_parser, main
 from mpdit.errors import MPDiTError
-from mpdit.evaluation.ablation import Budget, Row, load_grid, paper_rows, run_grid
+from mpdit.evaluation.ablation import Budget, Row, load_grid, mean_and_spread, paper_rows, run_grid
 from mpdit.model.config import MP_SWITCHES
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.train import Trainer
@@ -33,6 +33,7 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx):
     assert records[2]["lr"] == "0.005" and records[0]["lr"] == "0.0001"  # family default vs the row's own
     table = (tmp_path / "results.md").read_text()
     assert "| dit |" in table and "| mp-srg |" in table and "FD change" in table
+    assert sum(line.count(" ± ") for line in table.splitlines() if line.startswith("| dit") or line.startswith("| mp-srg")) == 4
     assert [line["seeds"] for line in lines] == [2, 2] and lines[0]["fd_change_pct"] == 0
     assert lines[1]["params"] < lines[0]["params"]
     # the two seeds saw different data orders and noise
@@ -42,6 +43,11 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx):
     before = log_length(tmp_path / "runs/dit/seed-0")
     run_grid(tmp_path, ROWS, budget(tiny_idx))
     assert log_length(tmp_path / "runs/dit/seed-0") == before
+
+
+def test_single_seed_rows_show_no_spread():
+    assert mean_and_spread(232.04, 9.5, 3, ".3g") == "232 ± 9.5"
+    assert mean_and_spread(252.0, 0.0, 1, ".3g") == "252"
 
 
 def test_interrupted_grid_resumes_to_the_same_weights(tmp_path, tiny_idx, monkeypatch):

@@ -169,6 +169,11 @@ def summarize(records: list[dict], baseline: str) -> list[dict]:
     return lines
 
 
+def mean_and_spread(mean: float, std: float, seeds: int, fmt: str) -> str:
+    """'mean ± sd' over seeds; a single seed has no spread to show."""
+    return format(mean, fmt) + (f" ± {std:.2g}" if seeds > 1 else "")
+
+
 def markdown_table(lines: list[dict], budget: Budget, baseline: str) -> str:
     head = (f"{budget.model} on {budget.data}: {budget.steps} steps, batch {budget.batch_size}; "
             f"eval: {budget.eval_num} samples, {budget.sampler} {budget.sample_steps} steps, guidance "
@@ -179,8 +184,9 @@ def markdown_table(lines: list[dict], budget: Budget, baseline: str) -> str:
     for x in lines:
         change = "" if x["fd_change_pct"] is None else f"{x['fd_change_pct']:+.1f}%"
         out.append(f"| {x['row']} | {x['mp']} | {x['conditioning']} | {x['lr']:g} {x['schedule']} | "
-                   f"{x['params']:,} | {x['seeds']} | {x['fd_mean']:.3g} ± {x['fd_std']:.2g} | {change} | "
-                   f"{100 * x['acc_mean']:.1f}% ± {100 * x['acc_std']:.1f} | {x['images_per_s']:.0f} |")
+                   f"{x['params']:,} | {x['seeds']} | {mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | "
+                   f"{change} | {mean_and_spread(100 * x['acc_mean'], 100 * x['acc_std'], x['seeds'], '.1f')}% | "
+                   f"{x['images_per_s']:.0f} |")
     return "\n".join(out) + "\n"
 
 
@@ -196,7 +202,8 @@ def best_lr_table(lines: list[dict]) -> str:
         return ""
     out = ["\n### Each row at its best learning rate\n", "| row | best lr | FD (mean ± sd) | accuracy |",
            "|---|---|---|---|"]
-    out += [f"| {name} | {x['lr']:g} | {x['fd_mean']:.3g} ± {x['fd_std']:.2g} | {100 * x['acc_mean']:.1f}% |"
+    out += [f"| {name} | {x['lr']:g} | {mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | "
+            f"{100 * x['acc_mean']:.1f}% |"
             for name, x in best.items()]
     return "\n".join(out) + "\n"
 
