@@ -89,7 +89,8 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     for line in ("class accuracy", "sample grid:", "training log:", "metrics:"):
         assert line in out
     assert (tmp_path / "qs" / "samples" / "quickstart.png").is_file()
-    assert json.loads((tmp_path / "qs" / "eval.json").read_text())["protocol"]["num_samples"] == 20
+    protocol = json.loads((tmp_path / "qs" / "eval.json").read_text())["protocol"]
+    assert protocol["num_samples"] == 20 and protocol["cfg_scale"] == 6.0
     train_cfg = json.loads((tmp_path / "qs" / "train_config.json").read_text())
     assert train_cfg["min_snr_gamma"] == 5 and train_cfg["steps"] == 2  # the quickstart recipe, --steps honoured
     # a second call finds the finished run and does not train again

@@ -1,7 +1,7 @@
 """`mpdit quickstart`: the main job. Train the default model (all-MP, scale-rotation-gate) on the embedded
 MNIST, write a sample grid, evaluate against the test split, and print where everything is. The training
 step is `mpdit train --min-snr-gamma 5 --steps 3600` (the recipe below), so `mpdit train --resume OUT --steps N`
-continues it.
+continues it; the grid and the evaluation use guidance 6.
 
 Run it again with the same --out to continue an interrupted run (finished stages are not redone).
 """
@@ -20,6 +20,8 @@ from mpdit.training.train import read_run_configs
 # (71% instead of 41% at 4,000 steps; docs/results.md), for as many steps as fit 20 minutes on 2 CPU cores.
 QUICKSTART_STEPS = 3600
 QUICKSTART_TRAIN_OPTIONS = ["--min-snr-gamma", "5"]
+# Guidance of the grid and the evaluation: 6 scored better than 4 in accuracy and FD at 2,000 and 4,000 steps.
+QUICKSTART_CFG_SCALE = 6.0
 
 
 def run(args) -> int:
@@ -42,12 +44,12 @@ def run(args) -> int:
     grid = out / "samples" / "quickstart.png"
     mark = time.perf_counter()
     sample_args = parser.parse_args(["sample", "--ckpt", str(out), "--num", str(args.grid_num), "--out", str(grid),
-                                     "--seed", str(args.seed)])
+                                     "--seed", str(args.seed), "--cfg-scale", str(QUICKSTART_CFG_SCALE)])
     sample_args.func(sample_args)
     timings["sample_s"] = round(time.perf_counter() - mark, 1)
 
     mark = time.perf_counter()
-    result = eval_command.evaluate(out, num=args.eval_num, seed=args.seed)
+    result = eval_command.evaluate(out, num=args.eval_num, seed=args.seed, cfg_scale=QUICKSTART_CFG_SCALE)
     metric_path = out / "eval.json"
     metric_path.write_text(json.dumps(result, indent=2))
     timings["eval_s"] = round(time.perf_counter() - mark, 1)
