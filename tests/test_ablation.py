@@ -84,6 +84,20 @@ def test_plot_writes_pngs(tmp_path, tiny_idx, capsys):
         args.func(args)
 
 
+def test_plot_places_each_evaluation_at_its_checkpoint_step(tmp_path):
+    from mpdit.evaluation.plots import read_run
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (10, 20, 30)))
+    def write_eval(path, step, accuracy):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        protocol = {"checkpoint": str(tmp_path / f"checkpoints/step-{step:07d}")} if step else {}
+        path.write_text(json.dumps({"metrics": {"accuracy": accuracy}, "protocol": protocol}))
+    write_eval(tmp_path / "eval.json", 10, 0.1)  # a run-level result of an early checkpoint (run extended since)
+    write_eval(tmp_path / "checkpoints/step-0000020/eval.json", 20, 0.2)
+    assert [(e["step"], e["accuracy"]) for e in read_run(tmp_path)["evals"]] == [(10, 0.1), (20, 0.2)]
+    write_eval(tmp_path / "eval.json", 0, 0.3)  # no checkpoint named: the last logged step
+    assert [(e["step"], e["accuracy"]) for e in read_run(tmp_path)["evals"]] == [(20, 0.2), (30, 0.3)]
+
+
 def test_grid_file_errors(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps([{"name": "a", "mp": "all", "learning_rate": 0.1}]))

@@ -1,6 +1,7 @@
 """Plots of training runs (matplotlib, PNG): loss, metric at checkpoints, and per-block magnitudes."""
 
 import json
+import re
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
@@ -15,14 +16,18 @@ def read_run(run_dir: str | Path) -> dict:
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     evals = []
     final_step = log[-1]["step"] if log else 0
-    candidates = [(final_step, run_dir / "eval.json")]
-    candidates += [(int(p.parent.name.split("-")[1]), p) for p in run_dir.glob("checkpoints/step-*/eval.json")]
-    for step, path in candidates:
+    for path in [run_dir / "eval.json", *run_dir.glob("checkpoints/step-*/eval.json")]:
         if path.is_file():
-            metrics = json.loads(path.read_text())["metrics"]
-            evals.append({"step": step, **metrics})
+            result = json.loads(path.read_text())
+            evals.append({"step": evaluated_step(result, default=final_step), **result["metrics"]})
     evals = sorted({e["step"]: e for e in evals}.values(), key=lambda e: e["step"])
     return {"log": log, "evals": evals}
+
+
+def evaluated_step(result: dict, default: int) -> int:
+    """The training step of the checkpoint an eval.json result scored (from its protocol), else ``default``."""
+    match = re.search(r"step-(\d+)", str(result.get("protocol", {}).get("checkpoint", "")))
+    return int(match.group(1)) if match else default
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
