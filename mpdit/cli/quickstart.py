@@ -69,7 +69,7 @@ def register(subparsers) -> None:
                                    description=__doc__)
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default runs/quickstart)")
     parser.add_argument("--steps", type=int, default=QUICKSTART_STEPS,
-                        help=f"training steps (default {QUICKSTART_STEPS}, about 15 minutes on 2 CPU cores)")
+                        help=f"training steps (default {QUICKSTART_STEPS}: about 14 minutes of training on 2 CPU cores)")
     parser.add_argument("--grid-num", type=int, default=100, help="images in the sample grid (default 100)")
     parser.add_argument("--eval-num", type=int, default=1000, help="samples to evaluate (default 1000)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,10 @@
 """Plots of training runs (matplotlib, PNG): loss, metric at checkpoints, and per-block magnitudes."""
 
 import json
-import re
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
+from mpdit.training.checkpoint import checkpoint_step
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -26,8 +26,8 @@ def read_run(run_dir: str | Path) -> dict:
 
 def evaluated_step(result: dict, default: int) -> int:
     """The training step of the checkpoint an eval.json result scored (from its protocol), else ``default``."""
-    match = re.search(r"step-(\d+)", str(result.get("protocol", {}).get("checkpoint", "")))
-    return int(match.group(1)) if match else default
+    step = checkpoint_step(str(result.get("protocol", {}).get("checkpoint", "")))
+    return default if step is None else step
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

@@ -212,10 +212,16 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a checkpoint folder path (.../step-NNNNNNN), None for any other path."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def _list_step_dirs(folder: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return sorted(found)
 
 
@@ -235,7 +241,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     ``checkpoints/`` dir (its newest step), or a run dir (its newest checkpoint)."""
     path = Path(path)
     if path.is_dir():
-        if _STEP_DIR.match(path.name) or (path / MODEL_FILE).is_file():
+        if checkpoint_step(path) is not None or (path / MODEL_FILE).is_file():
             return path
         for folder in (path / CHECKPOINTS, path):
             found = _list_step_dirs(folder)
