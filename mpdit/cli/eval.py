@@ -189,8 +189,9 @@ def summary_lines(result: dict) -> list[str]:
     for key, label in (("accuracy", "class accuracy"), ("fd_classifier", "FD (classifier features)"),
                        ("fid_inception", "FID (Inception)")):
         if key in m:
-            real = f"   real train images: {b[key]:.4g}" if key in b else ""
-            lines.append(f"  {label:<26} {m[key]:.4g}{real}")
+            show = (lambda v: f"{100 * v:.1f}%") if key == "accuracy" else (lambda v: f"{v:.4g}")  # noqa: E731
+            real = f"   real train images: {show(b[key])}" if key in b else ""
+            lines.append(f"  {label:<26} {show(m[key]):>7}{real}")
     return lines
 
 

@@ -2,13 +2,16 @@
 
 Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed arguments, returning an exit code or None).
-User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2.
+User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2. Commands whose parser
+sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count (``mpdit.cli.threads``).
 """
 
 import argparse
 import importlib
 import sys
 
+from mpdit import __version__
+from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
 
 SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "ablate", "plot", "params", "bench", "classifier"]
@@ -18,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpdit", description="Magnitude-preserving Diffusion Transformers with rotation modulation."
     )
+    parser.add_argument("--version", action="version", version=f"mpdit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"mpdit.cli.{name}").register(subparsers)
@@ -27,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "cpu_heavy", False):
+            choose_threads(getattr(args, "device", "auto"))
         code = args.func(args)
     except (MPDiTError, FileNotFoundError) as error:
         print(f"mpdit: error: {error}", file=sys.stderr)

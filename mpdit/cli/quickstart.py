@@ -1,18 +1,34 @@
-"""`mpdit quickstart`: the main job. Train the default model (all-MP, scale-rotation-gate) on the embedded
-MNIST, write a sample grid, evaluate against the test split, and print where everything is. The training
-step is `mpdit train --min-snr-gamma 5 --steps 3600` (the recipe below), so `mpdit train --resume OUT --steps N`
-continues it; the grid and the evaluation use guidance 6.
+"""`mpdit quickstart`: the main job. Train the default model (DiT-Micro/4, all-MP, scale-rotation-gate) on the
+embedded MNIST, write a sample grid, evaluate against the test split, and print where everything is.
 
-Run it again with the same --out to continue an interrupted run (finished stages are not redone).
+Recipe: `mpdit train --min-snr-gamma 5 --steps 3600 --out runs/quickstart` (`mpdit train`'s defaults plus
+Min-SNR-5 loss weighting and 3,600 steps instead of 3,000); then a 100-image grid and a 1,000-sample
+evaluation, both with guidance 6 and the power-EMA weights (sigma_rel 0.10).
+
+Run it again to go on where it stopped: an interrupted run is continued, a larger --steps continues a finished
+run to that many steps (as `mpdit train --resume OUT --steps N`) and then samples and evaluates the new model,
+and stages already done for the newest checkpoint are not redone.
+
+What it writes in OUT (default runs/quickstart):
+  samples/quickstart.png     the grid: one column per class, power-EMA weights, guidance 6
+  samples/quickstart.npz     the grid's images as arrays (ADM layout: arr_0 (N, 28, 28, 3) uint8, labels)
+  samples/step-NNNNNNN.png   training's own check at its last step: 2 per class, raw weights, guidance 4
+  eval.json                  the metrics and the evaluation protocol
+  quickstart.json            which stages are done, for which checkpoint (read when run again)
+  log.jsonl, checkpoints/, config.json, train_config.json, ema_snapshots/: the training run (see README)
 """
 
+import argparse
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
 from mpdit.cli import eval as eval_command
 from mpdit.cli.main import build_parser
-from mpdit.training.checkpoint import latest_checkpoint, list_checkpoints
+from mpdit.errors import MPDiTError
+from mpdit.training.checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints
 from mpdit.training.train import read_run_configs
 
 # The main job's recipe: `mpdit train`'s defaults (DiT-Micro/4, all-MP, scale-rotation-gate, batch 64, AdamW lr 1e-2
@@ -22,55 +38,115 @@ QUICKSTART_STEPS = 3600
 QUICKSTART_TRAIN_OPTIONS = ["--min-snr-gamma", "5"]
 # Guidance of the grid and the evaluation: 6 scored better than 4 in accuracy and FD at 2,000 and 4,000 steps.
 QUICKSTART_CFG_SCALE = 6.0
+STAGES_FILE = "quickstart.json"
+
+
+def duration(seconds: float) -> str:
+    """Seconds as people read them: '9 s', '2 min 09 s', '1 h 02 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def training_plan(out: Path, steps: int | None, seed: int = 0) -> tuple[list[str] | None, str]:
+    """The `mpdit train` arguments that bring OUT to the wanted steps (None: nothing to train) and a line saying so.
+    ``steps`` None: the run's own target, or QUICKSTART_STEPS for a new run."""
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        steps = QUICKSTART_STEPS if steps is None else steps
+        return (["train", "--out", str(out), "--steps", str(steps), "--seed", str(seed), *QUICKSTART_TRAIN_OPTIONS],
+                f"training the default model for {steps:,} steps in {out}")
+    done = checkpoints[-1][0]
+    target = read_run_configs(out)[1].steps if steps is None else steps
+    if target < done:
+        raise MPDiTError(f"{out} is already trained to {done:,} steps: --steps {target} cannot go back; "
+                         f"give --steps {done} or more, or another --out")
+    if target == done:
+        return None, f"{out} is already trained to {done:,} steps (a larger --steps continues it)"
+    return (["train", "--resume", str(out), "--steps", str(target)],
+            f"continuing {out} from step {done:,} to {target:,}")
 
 
 def run(args) -> int:
     out = Path(args.out)
     parser = build_parser()
+    quiet = ["--no-progress"] if args.no_progress else []
+    # With --json the stages' own lines go to stderr, so that stdout holds the one JSON object.
+    stage_output = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    train_argv, plan = training_plan(out, args.steps, args.seed)
+    print(f"mpdit quickstart: {plan}", file=sys.stderr if args.json else sys.stdout)
     started = time.perf_counter()
     timings = {}
-    finished = False
-    if list_checkpoints(out):
-        finished = list_checkpoints(out)[-1][0] >= read_run_configs(out)[1].steps
-        train_argv = ["train", "--resume", str(out)]
-    else:
-        train_argv = ["train", "--out", str(out), "--seed", str(args.seed), "--steps", str(args.steps),
-                      *QUICKSTART_TRAIN_OPTIONS]
-    if not finished:
-        train_args = parser.parse_args(train_argv)
-        train_args.func(train_args)
-    timings["train_s"] = round(time.perf_counter() - started, 1)
+    if train_argv is not None:
+        train_args = parser.parse_args(train_argv + quiet)
+        with stage_output:
+            train_args.func(train_args)
+        timings["train_s"] = round(time.perf_counter() - started, 1)
+    checkpoint = latest_checkpoint(out)
+    stages_path = out / STAGES_FILE
+    stages = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+
+    def stage(name: str, inputs: dict, outputs: list[Path], work) -> None:
+        """Run `work` unless the record says it is done with the same inputs and its outputs exist."""
+        if stages.get(name) == inputs and all(path.is_file() for path in outputs):
+            return
+        mark = time.perf_counter()
+        with stage_output:
+            work()
+        timings[f"{name}_s"] = round(time.perf_counter() - mark, 1)
+        stages[name] = inputs
+        atomic_write_text(stages_path, json.dumps(stages, indent=2))
 
     grid = out / "samples" / "quickstart.png"
-    mark = time.perf_counter()
+    common = {"checkpoint": str(checkpoint), "seed": args.seed, "cfg_scale": QUICKSTART_CFG_SCALE}
     sample_args = parser.parse_args(["sample", "--ckpt", str(out), "--num", str(args.grid_num), "--out", str(grid),
-                                     "--seed", str(args.seed), "--cfg-scale", str(QUICKSTART_CFG_SCALE)])
-    sample_args.func(sample_args)
-    timings["sample_s"] = round(time.perf_counter() - mark, 1)
+                                     "--seed", str(args.seed), "--cfg-scale", str(QUICKSTART_CFG_SCALE), *quiet])
+    stage("sample", {**common, "num": args.grid_num}, [grid, grid.with_suffix(".npz")],
+          lambda: sample_args.func(sample_args))
 
-    mark = time.perf_counter()
-    result = eval_command.evaluate(out, num=args.eval_num, seed=args.seed, cfg_scale=QUICKSTART_CFG_SCALE)
     metric_path = out / "eval.json"
-    metric_path.write_text(json.dumps(result, indent=2))
-    timings["eval_s"] = round(time.perf_counter() - mark, 1)
-    timings["total_s"] = round(time.perf_counter() - started, 1)
 
-    print("\n".join(["", "mpdit quickstart: done", *eval_command.summary_lines(result),
-                     f"  time: {json.dumps(timings)}",
-                     f"  checkpoint:  {latest_checkpoint(out)}",
-                     f"  sample grid: {grid}",
-                     f"  training log: {out / 'log.jsonl'}",
-                     f"  metrics:     {metric_path}"]))
+    def evaluate() -> None:
+        result = eval_command.evaluate(out, num=args.eval_num, seed=args.seed, cfg_scale=QUICKSTART_CFG_SCALE,
+                                       progress=not args.no_progress)
+        atomic_write_text(metric_path, json.dumps(result, indent=2))
+
+    stage("eval", {**common, "num": args.eval_num}, [metric_path], evaluate)
+    result = json.loads(metric_path.read_text())
+    files = {"checkpoint": str(checkpoint), "grid": str(grid), "grid_arrays": str(grid.with_suffix(".npz")),
+             "training_log": str(out / "log.jsonl"), "metrics": str(metric_path)}
+    if args.json:
+        print(json.dumps({"run": str(out), **files, "timings": timings, **result}))
+        return 0
+    done = {"train_s": "training", "sample_s": "grid", "eval_s": "evaluation"}
+    spent = ", ".join(f"{label} {duration(timings[key])}" for key, label in done.items() if key in timings)
+    skipped = [label for key, label in done.items() if key not in timings]
+    print("\n".join([
+        "", "mpdit quickstart: done", *eval_command.summary_lines(result),
+        f"  time: {duration(time.perf_counter() - started)}" + (f" ({spent})" if spent else "")
+        + (f"; already done before, not redone: {', '.join(skipped)}" if skipped else ""),
+        f"  checkpoint:   {checkpoint}",
+        f"  sample grid:  {grid} (one column per class; its images as arrays in {grid.with_suffix('.npz').name})",
+        f"  training log: {out / 'log.jsonl'} (and {out / 'samples'}/step-*.png: training's own check, raw weights)",
+        f"  metrics:      {metric_path}"]))
     return 0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("quickstart", help="train, sample and evaluate the default model on MNIST",
-                                   description=__doc__)
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    parser.add_argument("--steps", type=int, default=QUICKSTART_STEPS,
-                        help=f"training steps (default {QUICKSTART_STEPS}: about 14 minutes of training on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default {QUICKSTART_STEPS}, about 14 minutes of training on 2 quiet "
+                             "CPU cores; an existing run: its own, or continue it to N)")
     parser.add_argument("--grid-num", type=int, default=100, help="images in the sample grid (default 100)")
     parser.add_argument("--eval-num", type=int, default=1000, help="samples to evaluate (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run)
+    parser.add_argument("--seed", type=int, default=0, help="seed of training, grid and evaluation (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object at the end (files, timings, metrics, protocol); stages' lines "
+                             "go to stderr")
+    parser.set_defaults(func=run, cpu_heavy=True)

@@ -110,15 +110,18 @@ def run(args) -> int:
     model, decode, source = load_sampling_model(args, device_of(args.device))
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
     images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                      seed=args.seed, batch_size=args.batch_size, device=device_of(args.device), progress=True,
-                      decode=decode)
+                      seed=args.seed, batch_size=args.batch_size, device=device_of(args.device),
+                      progress=not args.no_progress, decode=decode)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
     grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
     npz = save_npz(images, out.with_suffix(".npz"), labels)
-    print(json.dumps({"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler, "steps": args.steps,
-                      "cfg_scale": args.cfg_scale, "seed": args.seed}))
+    report = {"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler,
+              "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
+    print(json.dumps(report) if args.json else
+          f"{len(images)} samples ({args.sampler} {args.steps} steps, guidance {args.cfg_scale}, seed {args.seed}, "
+          f"weights {source['weights']} of {source['checkpoint']}): grid {grid}, arrays {npz}")
     return 0
 
 
@@ -128,4 +131,6 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", default="all", help="'all' (default: 0..K-1 in turn), 'random', or '3,5,7'")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(classes, 10))")
     parser.add_argument("--out", default="samples.png", help="grid PNG path; PATH.npz is written beside it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(func=run)

@@ -1,5 +1,10 @@
-"""`mpdit train`: train a model on a dataset (one process, or many under torchrun); `--resume DIR` continues a run."""
+"""`mpdit train`: train a model on a dataset (one process, or many under torchrun); `--resume DIR` continues a run.
 
+The defaults are a plain recipe (3,000 steps, no Min-SNR weighting). `mpdit quickstart` trains with a different
+one: `mpdit train --min-snr-gamma 5 --steps 3600 --out runs/quickstart`, the other options at their defaults.
+"""
+
+import argparse
 import json
 from pathlib import Path
 
@@ -107,52 +112,68 @@ def run(args) -> int:
         if torch.distributed.is_initialized():  # leave the process group cleanly (gloo aborts at exit otherwise)
             torch.distributed.destroy_process_group()
     if trainer.dist.is_main:
-        print(json.dumps({"run": str(run_dir), "checkpoint": str(last), "log": str(run_dir / "log.jsonl"),
-                          "samples": str(run_dir / "samples"), "step": trainer.step}))
+        report = {"run": str(run_dir), "checkpoint": str(last), "log": str(run_dir / "log.jsonl"),
+                  "samples": str(run_dir / "samples"), "step": trainer.step}
+        print(json.dumps(report) if args.json else
+              f"trained to step {trainer.step:,}: checkpoint {last}; log {report['log']}; sample grids {report['samples']}")
     return 0
 
 
 def add_model_options(parser) -> None:
     parser.add_argument("--model", default="DiT-Micro/4", help="zoo name (default DiT-Micro/4; see mpdit params)")
     parser.add_argument("--mp", default="all", help="all, none, or a comma list of switches (default all)")
-    parser.add_argument("--conditioning", default="scale-rotation-gate", choices=list(CONDITIONINGS))
+    parser.add_argument("--conditioning", default="scale-rotation-gate", choices=list(CONDITIONINGS),
+                        metavar="NAME", help=f"{', '.join(CONDITIONINGS)} (default scale-rotation-gate)")
     parser.add_argument("--timestep-input", default="log-sigma", choices=["log-sigma", "raw"],
                         help="MP timestep embedder input: EDM2's ln(sigma)/4 (default) or the raw step (ablation)")
     parser.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
 
 
 def add_training_options(parser) -> None:
-    parser.add_argument("--data", default="mnist", help="mnist (default), idx:PATH or folder:PATH")
-    parser.add_argument("--image-size", type=int, default=None, help="pad/resize images to this side")
+    parser.add_argument("--data", default="mnist", help="mnist (default), idx:PATH, folder:PATH or latents:PATH")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="pad/resize images to this side (default: the data's side, padded to the patch size)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps (default {DEFAULT_STEPS}; with --resume: the run's own, or extend to N)")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
-    parser.add_argument("--lr", type=float, default=None, help="default 1e-2 for MP models, 1e-4 for DiT")
-    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="default edm2 (MP) or constant (DiT)")
-    parser.add_argument("--warmup-steps", type=int, default=None)
-    parser.add_argument("--t-ref", type=int, default=1000, help="edm2 schedule: decay as 1/sqrt(step/t_ref)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes (default 64)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 for MP models, 1e-4 for DiT)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None,
+                        help="learning-rate schedule (default edm2 for MP models, constant for DiT)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="linear learning-rate warm-up steps (default 200 for MP models, 0 for DiT)")
+    parser.add_argument("--t-ref", type=int, default=1000,
+                        help="edm2 schedule: decay as 1/sqrt(step/t_ref) after t_ref steps (default 1000)")
     parser.add_argument("--betas", default=None, help="Adam betas 'b1,b2' (default 0.9,0.99 MP; 0.9,0.999 DiT)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip the gradient norm to this (default: no clipping)")
     parser.add_argument("--min-snr-gamma", type=float, default=0.0,
-                        help="weight the mse term by min(SNR, gamma) / SNR (Min-SNR; default 0: off, as DiT)")
-    parser.add_argument("--ema-decay", type=float, default=0.9999, help="classic EMA decay (0 disables)")
-    parser.add_argument("--ema-sigma-rels", default="0.05,0.10", help="power-function EMA sigma_rel list")
-    parser.add_argument("--snapshot-every", type=int, default=0, help="power-EMA snapshots (0: at checkpoints)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--telemetry-every", type=int, default=200)
-    parser.add_argument("--sample-every", type=int, default=0, help="sample grid every K steps (0: at the end)")
-    parser.add_argument("--ckpt-every", type=int, default=500)
-    parser.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: keep all)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+                        help="weight the mse term by min(SNR, gamma) / SNR (Min-SNR; default 0: off, as DiT; "
+                             "the quickstart uses 5)")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="classic EMA decay (default 0.9999; 0 disables)")
+    parser.add_argument("--ema-sigma-rels", default="0.05,0.10",
+                        help="power-function EMA sigma_rel list (default 0.05,0.10; empty disables)")
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="steps between power-EMA snapshots for mpdit ema (default 0: at checkpoints)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and noise (default 0)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines (default 50)")
+    parser.add_argument("--telemetry-every", type=int, default=200,
+                        help="steps between activation / weight magnitude records in the log (default 200; 0: never)")
+    parser.add_argument("--sample-every", type=int, default=0,
+                        help="steps between sample grids samples/step-N.png (default 0: only at the end)")
+    parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (default 3; 0: all)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32 (default) or bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model", description=__doc__)
+    parser = subparsers.add_parser("train", help="train a model", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     add_training_options(parser)
     parser.add_argument("--out", default=None, help="run folder for a new run")
@@ -161,4 +182,4 @@ def register(subparsers) -> None:
                         help="the paper's runs on 4x16x16 latents (model, batch 256, 400k steps, EMA snapshots); "
                              "combine with --mp/--conditioning; options given explicitly win (see docs/gpu.md)")
     keys = {key for preset in PRESETS.values() for key in preset} | set(MP_PRESET_SCHEDULE)
-    parser.set_defaults(func=run, option_defaults={key: parser.get_default(key) for key in keys})
+    parser.set_defaults(func=run, cpu_heavy=True, option_defaults={key: parser.get_default(key) for key in keys})

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from mpdit.data.datasets import to_uint8
+from mpdit.diffusion.gaussian import space_timesteps
 from mpdit.diffusion.sampling import SAMPLERS, sample
 from mpdit.errors import MPDiTError
 from mpdit.model.dit import MPDiT
@@ -36,13 +37,24 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
     cfg = model.config
     out = []
     batches = labels.split(batch_size)
-    for b, y in enumerate(batches):
-        y = y.to(device)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
-        shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
-        x = sample(lambda x_t, t: model.guided_forward(x_t, t, y, cfg_scale), shape, sampler=sampler, steps=steps,
-                   generator=gen, device=device, learn_sigma=cfg.learn_sigma, progress=progress and b == 0)
-        out.append(decode(x) if decode is not None else to_uint8(x.cpu()))
+    bar = None
+    if progress:  # one bar over every sampling step of every batch
+        from tqdm.auto import tqdm
+
+        total = len(batches) * len(space_timesteps(1000, steps))
+        bar = tqdm(total=total, desc=f"sample {len(labels)} images ({sampler} {steps} steps)", unit="step",
+                   dynamic_ncols=True)
+    try:
+        for b, y in enumerate(batches):
+            y = y.to(device)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
+            shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
+            x = sample(lambda x_t, t: model.guided_forward(x_t, t, y, cfg_scale), shape, sampler=sampler,
+                       steps=steps, generator=gen, device=device, learn_sigma=cfg.learn_sigma, progress=bar)
+            out.append(decode(x) if decode is not None else to_uint8(x.cpu()))
+    finally:
+        if bar is not None:
+            bar.close()
     return torch.cat(out)
 
 

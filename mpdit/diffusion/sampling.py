@@ -20,14 +20,24 @@ def _randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
 
 
-def _steps(diffusion: GaussianDiffusion, progress: bool, desc: str):
-    """Indices T-1, ..., 0, wrapped in a tqdm bar when progress."""
+def _steps(diffusion: GaussianDiffusion, progress, desc: str):
+    """Indices T-1, ..., 0: wrapped in a tqdm bar of their own when progress is True; when progress is a tqdm bar
+    (a caller's bar over several sampling loops), that bar advances by one per step."""
     indices = range(diffusion.num_timesteps - 1, -1, -1)
-    if progress:
+    if progress is True:
         from tqdm.auto import tqdm
 
         return tqdm(indices, desc=desc, total=diffusion.num_timesteps)
+    if progress:
+        return _advancing(indices, progress)
     return indices
+
+
+def _advancing(indices, bar):
+    """Yield the indices, advancing `bar` by one after each step is done."""
+    for i in indices:
+        yield i
+        bar.update(1)
 
 
 def _start(shape, generator, device, noise) -> torch.Tensor:
@@ -41,7 +51,7 @@ def _start(shape, generator, device, noise) -> torch.Tensor:
 
 @torch.no_grad()
 def ddpm_sample(diffusion: GaussianDiffusion, model_fn, shape, *, generator: torch.Generator, device="cpu", noise=None,
-                clip_denoised: bool = False, progress: bool = False) -> torch.Tensor:
+                clip_denoised: bool = False, progress=False) -> torch.Tensor:
     """Ancestral sampling x_T -> x_0 over all steps of `diffusion` (respace it first); returns x_0 (N, C, H, W)."""
     x = _start(shape, generator, device, noise)
     for i in _steps(diffusion, progress, "ddpm"):
@@ -55,7 +65,7 @@ def ddpm_sample(diffusion: GaussianDiffusion, model_fn, shape, *, generator: tor
 
 @torch.no_grad()
 def ddim_sample(diffusion: GaussianDiffusion, model_fn, shape, *, eta: float = 0.0, generator: torch.Generator, device="cpu",
-                noise=None, clip_denoised: bool = False, progress: bool = False) -> torch.Tensor:
+                noise=None, clip_denoised: bool = False, progress=False) -> torch.Tensor:
     """DDIM sampling over all steps of `diffusion` (respace it first), ADM's step; returns x_0 (N, C, H, W).
 
     eta = 0 is deterministic given x_T; eta = 1 matches the DDPM posterior variance.
@@ -77,9 +87,10 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn, shape, *, eta: float = 0
 
 
 def sample(model_fn, shape, *, sampler: str = "ddpm", steps: int | str = 250, generator: torch.Generator, device="cpu",
-           learn_sigma: bool = True, progress: bool = False, eta: float = 0.0, clip_denoised: bool = False) -> torch.Tensor:
+           learn_sigma: bool = True, progress=False, eta: float = 0.0, clip_denoised: bool = False) -> torch.Tensor:
     """Sample x_0 (N, C, H, W) = shape from DiT's 1000-step diffusion respaced to `steps` (an int: evenly
-    spaced as ADM; or ADM's "ddimN" / "n1,n2" strings) with sampler "ddpm" or "ddim" (eta for DDIM)."""
+    spaced as ADM; or ADM's "ddimN" / "n1,n2" strings) with sampler "ddpm" or "ddim" (eta for DDIM).
+    ``progress``: True for a bar over the steps, or a tqdm bar to advance by one per step (see ``_steps``)."""
     if sampler not in SAMPLERS:
         raise MPDiTError(f"unknown sampler {sampler!r}: choose ddpm or ddim")
     diffusion = respace(GaussianDiffusion.dit(1000, learn_sigma=learn_sigma), steps)

@@ -319,8 +319,11 @@ class Trainer:
         bar = None
         if main and cfg.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            # One speed: images/s averaged since this call started (smoothing=0), the rate tqdm's estimate uses too.
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, smoothing=0,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]")
         last_time, last_step = time.perf_counter(), self.step
+        start_time, start_step = last_time, self.step
         try:
             while self.step < cfg.steps:
                 record = bool(cfg.telemetry_every) and (self.step + 1) % cfg.telemetry_every == 0
@@ -339,9 +342,12 @@ class Trainer:
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
                     if bar is not None:
-                        bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.0f}")
+                        average = (self.step - start_step) * cfg.batch_size / max(now - start_time, 1e-9)
+                        bar.set_postfix_str(f"{average:.0f} images/s, loss {stats['loss']:.4f}", refresh=False)
                 if bar is not None:
                     bar.update(1)
+                    if self.step == cfg.steps:
+                        bar.close()  # the bar times the steps, not the final checkpoint and sample grid
                 if due(cfg.ckpt_every) or self.step == cfg.steps:
                     self.save_checkpoint()
                 if main and sample_grid is not None and (due(cfg.sample_every) or self.step == cfg.steps):
