@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from mpdit.cli.main import SUBCOMMANDS, main
+import mpdit
+from mpdit.cli.main import SUBCOMMANDS, build_parser, main
+from mpdit.cli.threads import busy_cores, thread_plan
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -58,3 +60,53 @@ def test_bench_rejects_bad_variant():
     result = subprocess.run([sys.executable, "-m", "mpdit.cli.main", "bench", "--variants", "all-rotation"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "should look like mp:conditioning" in result.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mpdit {mpdit.__version__}"
+
+
+def test_train_help_describes_every_option_and_its_default():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.dest in ("help",):
+            continue
+        assert action.help, f"--{action.dest} has no description"
+        if action.default not in (None, False) and action.dest not in ("option_defaults",):
+            assert "default" in action.help, f"--{action.dest} does not show its default"
+    text = train.format_help()
+    assert "--min-snr-gamma 5 --steps 3600" in text  # says how the quickstart's recipe differs
+
+
+def test_quickstart_help_lists_its_recipe_and_files():
+    text = build_parser()._subparsers._group_actions[0].choices["quickstart"].format_help()
+    assert "recipe below" not in text
+    for words in ("--min-snr-gamma 5 --steps 3600", "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
+        assert words in text
+
+
+@pytest.mark.parametrize("busy,threads,chosen,expected,says", [
+    (0.1, 2, False, 2, None),                  # quiet: keep torch's threads, say nothing
+    (1.0, 2, False, 1, "using 1 thread instead of 2"),
+    (2.0, 2, False, 1, "using 1 thread instead of 2"),
+    (1.9, 2, True, 2, "keeping 2 threads from OMP_NUM_THREADS"),
+    (2.0, 1, False, 1, None),                  # one thread already: nothing to change
+    (3.0, 8, False, 5, "using 5 threads instead of 8"),
+])
+def test_thread_plan(busy, threads, chosen, expected, says):
+    cores = 8 if threads == 8 else 2
+    got, line = thread_plan(busy, cores, threads, chosen)
+    assert got == expected
+    if says is None:
+        assert line is None
+    else:
+        assert says in line and line.count("\n") == 0 and "busy" in line
+
+
+def test_busy_cores_measures_the_machine():
+    busy, cores = busy_cores(interval=0.05)
+    assert cores >= 1 and 0 <= busy <= cores + 0.5

@@ -101,7 +101,7 @@ def latent_run(setup):
 def test_training_on_latents_and_sampling_decodes(latent_run, tmp_path, capsys):
     log = [json.loads(line) for line in (latent_run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and np.isfinite(log[-1]["loss"])
-    assert main(["sample", "--ckpt", str(latent_run), "--num", "3", "--steps", "2", "--out",
+    assert main(["sample", "--ckpt", str(latent_run), "--num", "3", "--steps", "2", "--json", "--out",
                  str(tmp_path / "s.png")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["vae"].endswith("vae")
@@ -146,7 +146,7 @@ def test_official_layout_checkpoint_samples_through_the_vae(setup, tmp_path, cap
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # not a zero output
     torch.save(to_official(model.state_dict()), tmp_path / "DiT-Nano-2.pt")
     assert main(["sample", "--dit-checkpoint", str(tmp_path / "DiT-Nano-2.pt"), "--vae", vae, "--num", "2",
-                 "--steps", "2", "--classes", "1,4", "--out", str(tmp_path / "o.png")]) == 0
+                 "--steps", "2", "--classes", "1,4", "--json", "--out", str(tmp_path / "o.png")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weights"] == "official DiT"
     assert np.load(tmp_path / "o.npz")["arr_0"].shape == (2, 32, 32, 3)
     assert LatentDecoder.official(vae).channel_std[0] == pytest.approx(1 / 0.18215)

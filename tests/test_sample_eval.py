@@ -8,6 +8,7 @@ import pytest
 from mpdit.cli.main import build_parser, main
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
+from mpdit.training.checkpoint import list_checkpoints
 from mpdit.training.train import TrainConfig, Trainer
 
 
@@ -28,7 +29,7 @@ def run_dir(tmp_path_factory, tiny_idx):
 
 
 def test_sample_writes_grid_and_adm_npz_deterministically(run_dir, tmp_path, capsys):
-    argv = ["sample", "--ckpt", str(run_dir), "--num", "12", "--steps", "4", "--batch-size", "5"]
+    argv = ["sample", "--ckpt", str(run_dir), "--num", "12", "--steps", "4", "--batch-size", "5", "--json"]
     assert main(argv + ["--out", str(tmp_path / "a.png")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["weights"] == "sigma-0.100" and report["num"] == 12
@@ -82,18 +83,56 @@ def test_eval_json_has_metrics_protocol_and_baseline(run_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == result["metrics"]
 
 
+def test_eval_shows_one_progress_bar_over_all_batches(run_dir, tmp_path, capsys):
+    assert main(["eval", "--ckpt", str(run_dir), "--num", "20", "--batch-size", "8", "--steps", "3", "--no-baseline",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    captured = capsys.readouterr()
+    bars = {line.split(":")[0] for line in captured.err.replace("\r", "\n").splitlines() if "%|" in line}
+    assert bars == {"sample 20 images (ddim 3 steps)"}  # one bar, not one per batch of 8
+    assert "9/9" in captured.err  # 3 batches x 3 steps
+    assert "class accuracy" in captured.out and "%" in captured.out.split("class accuracy")[1].splitlines()[0]
+
+
 def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
-    argv = ["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2", "--grid-num", "10", "--eval-num", "20"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    for line in ("class accuracy", "sample grid:", "training log:", "metrics:"):
-        assert line in out
-    assert (tmp_path / "qs" / "samples" / "quickstart.png").is_file()
-    protocol = json.loads((tmp_path / "qs" / "eval.json").read_text())["protocol"]
+    qs = tmp_path / "qs"
+    base = ["quickstart", "--out", str(qs), "--grid-num", "10", "--eval-num", "20"]
+    assert main(base + ["--steps", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "training the default model for 2 steps" in captured.out
+    for line in ("class accuracy", "sample grid:", "training log:", "metrics:", "quickstart.npz", "step-*.png"):
+        assert line in captured.out
+    assert "{" not in captured.out  # a readable report, no JSON dictionaries
+    assert "train:" in captured.err and "sample 20 images" in captured.err  # progress bars
+    train_bar = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("train:")][-1]
+    assert "2/2 steps" in train_bar and train_bar.count("/s") == 1 and "images/s" in train_bar  # one speed
+    assert (qs / "samples" / "quickstart.png").is_file() and (qs / "samples" / "step-0000002.png").is_file()
+    protocol = json.loads((qs / "eval.json").read_text())["protocol"]
     assert protocol["num_samples"] == 20 and protocol["cfg_scale"] == 6.0
-    train_cfg = json.loads((tmp_path / "qs" / "train_config.json").read_text())
+    train_cfg = json.loads((qs / "train_config.json").read_text())
     assert train_cfg["min_snr_gamma"] == 5 and train_cfg["steps"] == 2  # the quickstart recipe, --steps honoured
-    # a second call finds the finished run and does not train again
-    log_lines = len((tmp_path / "qs" / "log.jsonl").read_text().splitlines())
-    assert main(argv) == 0
-    assert len((tmp_path / "qs" / "log.jsonl").read_text().splitlines()) == log_lines
+
+    # a second call finds the finished run and its finished stages: nothing is trained, sampled or evaluated again
+    files = [qs / "log.jsonl", qs / "samples" / "quickstart.png", qs / "samples" / "quickstart.npz", qs / "eval.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    assert main(base + ["--no-progress", "--json"]) == 0  # --steps left out: the run's own
+    captured = capsys.readouterr()
+    assert [f.stat().st_mtime_ns for f in files] == before
+    report = json.loads(captured.out)  # --json: one object on stdout, the stages' lines on stderr
+    assert report["timings"] == {} and report["checkpoint"].endswith("step-0000002")
+    assert report["metrics"] == json.loads((qs / "eval.json").read_text())["metrics"]
+    assert "already trained to 2 steps" in captured.err and "%|" not in captured.err  # --no-progress: no bars
+
+    # a larger --steps continues the run, then samples and evaluates the new checkpoint
+    assert main(base + ["--steps", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "continuing" in out and "from step 2 to 4" in out
+    assert [s for s, _ in list_checkpoints(qs)] == [2, 4]
+    assert json.loads((qs / "train_config.json").read_text())["steps"] == 4
+    assert json.loads((qs / "eval.json").read_text())["protocol"]["checkpoint"].endswith("step-0000004")
+    stages = json.loads((qs / "quickstart.json").read_text())
+    assert stages["sample"]["checkpoint"].endswith("step-0000004") and stages["eval"]["num"] == 20
+    assert all(f.stat().st_mtime_ns > b for f, b in zip(files, before))
+
+    # a smaller --steps cannot undo training
+    with pytest.raises(MPDiTError, match="already trained to 4 steps: --steps 3 cannot go back"):
+        call(base + ["--steps", "3"])

@@ -113,8 +113,9 @@ def test_resume_command_extends_a_run(tmp_path, tiny_idx, capsys):
               "--log-every", "5", "--no-progress", "--t-ref", "50", "--warmup-steps", "2"]
     assert main(["train", *common, "--steps", "5", "--out", str(tmp_path / "run")]) == 0
     assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "10", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert '"step": 10' in out
+    assert "trained to step 10: checkpoint " in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "10", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 10
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [5, 10]
     # a new run into a folder that holds one is refused
     with pytest.raises(MPDiTError, match="already holds a run"):
