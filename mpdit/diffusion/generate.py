@@ -25,7 +25,8 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
     Batch b draws its noise from a generator seeded by (seed, first_batch + b): the same seed and batch size give
     the same images (``first_batch`` lets a process produce batches first_batch.. of a larger set).
     ``decode``: maps each batch of model outputs (float (B, C, H, W)) to uint8 images, e.g. a
-    ``mpdit.data.latents.LatentDecoder``; default ``to_uint8`` (pixel models).
+    ``mpdit.data.latents.LatentDecoder``; default ``to_uint8`` (pixel models). ``progress``: one bar over the
+    sampling steps of all batches.
     """
     if sampler not in SAMPLERS:
         raise MPDiTError(f"unknown sampler '{sampler}': choose {' or '.join(SAMPLERS)}")
