@@ -44,7 +44,7 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
 
         total = len(batches) * len(space_timesteps(1000, steps))
         bar = tqdm(total=total, desc=f"sample {len(labels)} images ({sampler} {steps} steps)", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, smoothing=0)  # the average speed so far, as the training bar
     try:
         for b, y in enumerate(batches):
             y = y.to(device)
