@@ -18,7 +18,7 @@ import torch
 
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError
-from mpdit.evaluation.kernels import count_kernels
+from mpdit.evaluation.kernels import count_kernels, saved_bytes
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
@@ -39,6 +39,7 @@ class Bench:
         self.ema = ClassicEMA(self.model, 0.9999)
         self.diffusion = GaussianDiffusion.dit(learn_sigma=config.learn_sigma)
         self.forward = torch.compile(self.model) if compile_model else self.model
+        self.guided = torch.compile(self.model.guided_forward) if compile_model else self.model.guided_forward
         self.dtype = torch.bfloat16 if dtype == "bf16" else None
         gen = torch.Generator().manual_seed(1)
         shape = (batch, config.in_channels, config.input_size, config.input_size)
@@ -49,10 +50,13 @@ class Bench:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
-    def train_step(self) -> None:
+    def train_loss(self) -> torch.Tensor:
         self.model.train()
         with self.autocast():
-            loss = self.diffusion.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t)["loss"]
+            return self.diffusion.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t)["loss"]
+
+    def train_step(self) -> None:
+        loss = self.train_loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         self.optimizer.step()
@@ -62,10 +66,14 @@ class Bench:
     def sample_step(self) -> None:
         self.model.eval()
         with self.autocast():
-            self.model.guided_forward(self.x, self.t, self.y, 4.0)
+            self.guided(self.x, self.t, self.y, 4.0)
 
     def parameters(self) -> int:
         return self.model.num_params()
+
+    def saved_mb(self) -> float:
+        """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py)."""
+        return saved_bytes(self.train_loss, self.model.parameters()) / 2**20
 
     def kernels(self) -> tuple[int, int]:
         """Kernel-launching operations of one training step and of one sampling step, each in steady state
@@ -144,10 +152,12 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
         })
         if count_ops:
             rows[-1]["train_kernels"], rows[-1]["sample_kernels"] = bench.kernels()
+            rows[-1]["saved_mb"] = round(bench.saved_mb(), 2)
     base = rows[variants.index(BASELINE)]
     ratios = [("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")]
     if count_ops:
-        ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels")]
+        ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels"),
+                   ("saved_ratio", "saved_mb")]
     for row in rows:
         for key, ref in ratios:
             row[key] = round(row[ref] / base[ref], 3)
@@ -189,12 +199,14 @@ def run(args) -> int:
     print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
           "(spread = interquartile range)")
-    kernels = f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6}" if args.count_ops else ""
+    kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'saved MB':>9} {'x':>6}"
+               if args.count_ops else "")
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
           f"{'peak MB':>9} {'x':>6}{kernels}")
     for r in rows:
         kernels = (f" {r['train_kernels']:>13,} {r['train_kernels_ratio']:>6.3f} {r['sample_kernels']:>14,} "
-                   f"{r['sample_kernels_ratio']:>6.3f}") if args.count_ops else ""
+                   f"{r['sample_kernels_ratio']:>6.3f} {r['saved_mb']:>9.1f} {r['saved_ratio']:>6.3f}") \
+            if args.count_ops else ""
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
               f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
               f"{r['sample_ms']:>8.1f} ±{r['sample_spread_ms']:<5.1f} {r['sample_ratio']:>6.3f} "
@@ -219,8 +231,9 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per variant (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--count-ops", action="store_true",
-                        help="also count kernel-launching operations per training and sampling step "
-                             "(deterministic; see mpdit/evaluation/kernels.py for what counts)")
+                        help="also count kernel-launching operations per training and sampling step and the "
+                             "activation MiB a training step saves for backward (deterministic, the same on any "
+                             "device; see mpdit/evaluation/kernels.py)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     parser.set_defaults(func=run)

@@ -1,5 +1,6 @@
 """`mpdit train`: train a model on a dataset (one process, or many under torchrun); `--resume DIR` continues a run."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def add_training_options(parser) -> None:
     parser.add_argument("--ckpt-every", type=int, default=500)
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: keep all)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on CUDA, off on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
