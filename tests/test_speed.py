@@ -137,13 +137,14 @@ def test_kernel_counts_are_deterministic_and_within_the_targets():
 
 def test_bench_command_reports_kernel_counts_and_ratios(capsys):
     assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
-                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops", "--json"]) == 0
+                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops", "--loop", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["conditioning"] for r in rows] == ["adaln-zero", "scale-shift-gate", "scale-rotation-gate"]
     for row in rows:
         assert row["train_kernels"] > row["sample_kernels"] > 0
         assert row["train_kernels_ratio"] == round(row["train_kernels"] / rows[0]["train_kernels"], 3)
         assert row["saved_mb"] > 0 and row["saved_ratio"] == round(row["saved_mb"] / rows[0]["saved_mb"], 3)
+        assert row["loop_ms"] > 0 and row["loop_over_step"] == round(row["loop_ms"] / row["train_ms"], 3)
     assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
                  "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops"]) == 0
     assert "train kernels" in capsys.readouterr().out
