@@ -283,6 +283,38 @@ def default_classifier() -> SmallCNN:
     return _LOADED["default"]
 
 
+# The packaged MNIST classifier gets ~99% of MNIST test digits right; below this on a dataset's real test
+# images, that dataset is not MNIST and the classifier's FD and accuracy would mean nothing.
+MIN_PACKAGED_ACCURACY = 0.5
+
+
+def scoring_classifier(path, data: str, reference: ImageDataset, num_classes: int) -> tuple[SmallCNN, dict]:
+    """The classifier that scores samples of ``data``, and the record a result keeps about it.
+
+    ``path``: weights written by ``mpdit classifier --data SPEC`` (a .safetensors file or its folder), or None
+    for the packaged MNIST classifier. ``reference``: real test images of ``data`` with their labels; the
+    classifier's accuracy on them is recorded, and the packaged classifier is refused when it is below
+    MIN_PACKAGED_ACCURACY (the data is not MNIST) or when its classes differ from the model's ``num_classes``.
+    """
+    weights = PACKAGED_WEIGHTS if path is None else Path(path)
+    if weights.is_dir():
+        weights = weights / "classifier.safetensors"
+    classifier = default_classifier() if path is None else load_classifier(weights)
+    fix = (f": train one for it with `mpdit classifier --data {data} --out CLASSIFIER` and pass --classifier "
+           "CLASSIFIER") if path is None else ""
+    name = "the packaged MNIST classifier" if path is None else f"classifier {weights}"
+    if classifier.config["num_classes"] != num_classes:
+        raise MPDiTError(f"{name} has {classifier.config['num_classes']} classes, the model {num_classes}{fix}")
+    reference_accuracy = accuracy(classifier, reference.images, reference.labels)
+    if path is None and reference_accuracy < MIN_PACKAGED_ACCURACY:
+        raise MPDiTError(f"{name} labels only {reference_accuracy:.0%} of {len(reference)} real {data} test "
+                         f"images correctly, so {data} is not MNIST{fix}")
+    recipe_path = weights.with_suffix(".json")
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    return classifier, {"weights": str(weights), "trained_on": recipe.get("recipe", {}).get("data"),
+                        "test_accuracy": recipe.get("test_accuracy"), "reference_accuracy": reference_accuracy}
+
+
 def classifier_test_accuracy(classifier: SmallCNN | None = None, data: str = "mnist", num_images: int | None = None) -> float:
     """Accuracy on the test split (the first ``num_images`` images, or all of them)."""
     classifier = classifier or default_classifier()
