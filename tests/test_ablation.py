@@ -110,7 +110,7 @@ def test_grid_file_errors(tmp_path):
     with pytest.raises(MPDiTError, match="not valid JSON"):
         load_grid(grid)
     grid.write_text(json.dumps([{"name": "a", "conditioning": "rotation", "seeds": 2}]))
-    assert load_grid(grid) == [Row("a", conditioning="rotation", seeds=2)]
+    assert load_grid(grid) == ([Row("a", conditioning="rotation", seeds=2)], {})
 
 
 def test_paper_preset_rows():
@@ -121,3 +121,71 @@ def test_paper_preset_rows():
     assert rows[0].optimizer()["lr"] == 1e-4 and rows[0].optimizer()["schedule"] == "constant"
     assert rows[2].optimizer()["lr"] == 1e-2 and rows[2].optimizer()["schedule"] == "edm2"
     assert all(row.seeds == 3 for row in rows[:4]) and all(row.seeds == 1 for row in rows[4:])
+
+
+def test_grid_file_budget_curves_guidance_and_classifier(tmp_path, shifted_idx, shifted_classifier, capsys):
+    grid = tmp_path / "grid.json"
+    budget_options = dict(model="DiT-Nano/4", data=shifted_idx, steps=4, batch_size=16, seeds=2, eval_num=10,
+                          sample_steps=2, t_ref=50, warmup_steps=2, eval_steps=[2], cfg_scales=[1, 3],
+                          classifier=str(shifted_classifier))
+    grid.write_text(json.dumps({"comment": "test", "budget": budget_options, "rows": [
+        {"name": "dit", "mp": "none", "warmup_steps": 2},
+        {"name": "mp-plain", "mp": "all", "conditioning": "scale-rotation-gate", "attention_output": "plain"}]}))
+    out = tmp_path / "out"
+    assert main(["ablate", "--grid", str(grid), "--out", str(out), "--eval-num", "12"]) == 0
+    assert "SEs apart" in capsys.readouterr().out
+    with open(out / "results.csv") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 2 * 2 * 2 * 2  # rows x seeds x steps x guidance scales
+    assert {(r["step"], r["cfg_scale"]) for r in records} == {("2", "1.0"), ("2", "3.0"), ("4", "1.0"), ("4", "3.0")}
+    assert {r["classifier"] for r in records} == {str(shifted_classifier / "classifier.safetensors")}
+    run = out / "runs/mp-plain/seed-1"
+    assert json.loads((run / "config.json").read_text())["normalize_attention_output"] is False
+    assert json.loads((out / "runs/dit/seed-0/train_config.json").read_text())["warmup_steps"] == 2
+    evals = sorted(p.relative_to(run).as_posix() for p in run.glob("checkpoints/*/eval-*.json"))
+    assert evals == [f"checkpoints/step-{s:07d}/eval-cfg{g}.json" for s in (2, 4) for g in (1, 3)]
+    assert json.loads((out / "grid.json").read_text())["budget"]["eval_num"] == 12  # the option over the file
+    table = (out / "results.md").read_text()
+    for heading in ("### Step 4, guidance 1 (none)", "### Step 4, each row at its best guidance",
+                    "FD / accuracy at each step, best guidance", "FD / accuracy at each step, guidance 1"):
+        assert heading in table
+    assert "all, plain attention output" in table and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun trains and evaluates nothing; another sampling protocol re-evaluates without training
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-*/checkpoints/*/eval-*.json")}
+    logs = log_length(out / "runs/dit/seed-0")
+    assert main(["ablate", "--grid", str(out / "grid.json"), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert main(["ablate", "--grid", str(out / "grid.json"), "--out", str(out), "--sample-steps", "3"]) == 0
+    assert all(p.stat().st_mtime_ns != stamp for p, stamp in stamps.items())
+    assert log_length(out / "runs/dit/seed-0") == logs
+    # the packaged MNIST classifier refuses the shifted labels
+    with pytest.raises(MPDiTError, match="is not MNIST: train one for it with `mpdit classifier"):
+        run_grid(tmp_path / "packaged", ROWS[:1], Budget(**{**budget_options, "classifier": None, "seeds": 1}))
+
+
+def test_best_guidance_and_standard_errors():
+    from mpdit.evaluation.ablation import against_baseline, best_guidance
+
+    def line(row, cfg_scale, fd, sd, seeds=3):
+        return dict(row=row, step=10, cfg_scale=cfg_scale, fd_mean=fd, fd_std=sd, seeds=seeds, params=100)
+    lines = [line("dit", 1, 30, 2), line("dit", 4, 20, 2), line("mp", 1, 12, 1), line("mp", 4, 16, 1),
+             line("one", 4, 8, 0, seeds=1)]
+    best = against_baseline(best_guidance(lines), "dit")
+    assert [(x["row"], x["cfg_scale"]) for x in best] == [("dit", 4), ("mp", 1), ("one", 4)]
+    assert best[1]["fd_change_pct"] == pytest.approx(-40)
+    assert best[1]["fd_sigmas"] == pytest.approx(-8 / (5 / 3) ** 0.5)  # sqrt(4/3 + 1/3)
+    assert best[0]["fd_sigmas"] == 0 and best[2]["fd_sigmas"] is None  # one seed: no standard error
+
+
+def test_budget_errors(tmp_path):
+    with pytest.raises(MPDiTError, match="eval step 5 is outside 1..4"):
+        Budget(steps=4, eval_steps=(2, 5))
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"budget": {"step": 4}, "rows": []}))
+    with pytest.raises(MPDiTError, match="unknown budget option 'step'"):
+        load_grid(grid)
+    grid.write_text(json.dumps({"budjet": {}, "rows": []}))
+    with pytest.raises(MPDiTError, match="unknown key 'budjet'"):
+        load_grid(grid)
+    with pytest.raises(MPDiTError, match="needs the cosine_attention switch"):
+        Row("dit-plain", "none", attention_output="plain")

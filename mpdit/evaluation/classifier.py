@@ -243,6 +243,13 @@ def save_classifier(model: SmallCNN, out, recipe: dict, name: str = "classifier"
     return weights_path, json_path
 
 
+def classifier_weights(path=None) -> Path:
+    """The weights file a ``--classifier`` value names: PATH, PATH/classifier.safetensors for a folder, or the
+    packaged MNIST weights for None."""
+    path = PACKAGED_WEIGHTS if path is None else Path(path)
+    return path / "classifier.safetensors" if path.is_dir() else path
+
+
 _LOADED: dict = {}
 
 
@@ -251,9 +258,7 @@ def load_classifier(path=None, device="cpu") -> SmallCNN:
     (or a folder holding ``classifier.safetensors``) written by ``mpdit classifier``."""
     from safetensors import safe_open
 
-    path = PACKAGED_WEIGHTS if path is None else Path(path)
-    if path.is_dir():
-        path = path / "classifier.safetensors"
+    path = classifier_weights(path)
     if not path.is_file():
         hint = " (the packaged weights are missing: reinstall mpdit)" if path == PACKAGED_WEIGHTS else ""
         raise MPDiTError(f"classifier weights {path} not found{hint}")
@@ -296,9 +301,7 @@ def scoring_classifier(path, data: str, reference: ImageDataset, num_classes: in
     classifier's accuracy on them is recorded, and the packaged classifier is refused when it is below
     MIN_PACKAGED_ACCURACY (the data is not MNIST) or when its classes differ from the model's ``num_classes``.
     """
-    weights = PACKAGED_WEIGHTS if path is None else Path(path)
-    if weights.is_dir():
-        weights = weights / "classifier.safetensors"
+    weights = classifier_weights(path)
     classifier = default_classifier() if path is None else load_classifier(weights)
     fix = (f": train one for it with `mpdit classifier --data {data} --out CLASSIFIER` and pass --classifier "
            "CLASSIFIER") if path is None else ""
