@@ -306,16 +306,16 @@ def markdown_table(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def curves_table(lines: list[dict], steps: list[int], title: str) -> str:
-    """Rows x evaluated steps: 'FD / accuracy' (mean over seeds; the guidance used in brackets)."""
+def curves_table(lines: list[dict], steps: list[int], title: str, show_guidance: bool) -> str:
+    """Rows x evaluated steps: 'FD / accuracy' (mean over seeds; with show_guidance, the guidance in brackets)."""
     by_row: dict[str, dict[int, dict]] = {}
     for line in lines:
         by_row.setdefault(line["row"], {})[line["step"]] = line
     out = [f"\n### {title}\n", "| row | " + " | ".join(f"step {s:,}" for s in steps) + " |",
            "|---|" + "---|" * len(steps)]
     for name, at in by_row.items():
-        cells = [f"{at[s]['fd_mean']:.3g} / {100 * at[s]['acc_mean']:.1f}% (g {at[s]['cfg_scale']:g})" if s in at
-                 else "" for s in steps]
+        cells = [f"{at[s]['fd_mean']:.3g} / {100 * at[s]['acc_mean']:.1f}%"
+                 + (f" (g {at[s]['cfg_scale']:g})" if show_guidance else "") if s in at else "" for s in steps]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -357,10 +357,11 @@ def results_markdown(lines: list[dict], budget: Budget, baseline: str) -> tuple[
     parts += [f"### Step {budget.steps:,}, {title}\n\n", markdown_table(best)]
     steps = budget.evaluated_steps
     if len(steps) > 1:
-        parts.append(curves_table(best_guidance(lines), steps, "FD / accuracy at each step, best guidance"))
+        parts.append(curves_table(best_guidance(lines), steps, "FD / accuracy at each step, best guidance",
+                                  show_guidance=True))
         if 1.0 in budget.cfg_scales and len(budget.cfg_scales) > 1:
             parts.append(curves_table([line for line in lines if line["cfg_scale"] == 1.0], steps,
-                                      "FD / accuracy at each step, guidance 1"))
+                                      "FD / accuracy at each step, guidance 1", show_guidance=False))
     parts.append(best_lr_table(best))
     return "".join(parts), best
 
