@@ -185,6 +185,8 @@ def test_best_guidance_and_standard_errors():
 def test_budget_errors(tmp_path):
     with pytest.raises(MPDiTError, match="eval step 5 is outside 1..4"):
         Budget(steps=4, eval_steps=(2, 5))
+    with pytest.raises(MPDiTError, match="give a classifier, not 'none'"):
+        Budget(classifier="none")
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"budget": {"step": 4}, "rows": []}))
     with pytest.raises(MPDiTError, match="unknown budget option 'step'"):

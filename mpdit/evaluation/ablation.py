@@ -26,7 +26,7 @@ from mpdit.cli.params import count_params
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError, dataclass_from_dict
-from mpdit.evaluation.classifier import classifier_weights
+from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_weights
 from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
@@ -139,6 +139,8 @@ class Budget:
         self.eval_steps = tuple(int(s) for s in self.eval_steps)
         if self.steps < 1 or not self.cfg_scales or min(self.cfg_scales) < 0:
             raise MPDiTError("the budget needs steps >= 1 and at least one guidance scale >= 0")
+        if self.classifier == NO_CLASSIFIER:
+            raise MPDiTError("the grid ranks rows by the classifier's FD: give a classifier, not 'none'")
         outside = [s for s in self.eval_steps if not 0 < s <= self.steps]
         if outside:
             raise MPDiTError(f"eval step {outside[0]} is outside 1..{self.steps} (the budget's steps)")

@@ -288,6 +288,7 @@ def default_classifier() -> SmallCNN:
     return _LOADED["default"]
 
 
+NO_CLASSIFIER = "none"  # --classifier none: no classifier metrics (Inception FID alone)
 # The packaged MNIST classifier gets ~99% of MNIST test digits right; below this on a dataset's real test
 # images, that dataset is not MNIST and the classifier's FD and accuracy would mean nothing.
 MIN_PACKAGED_ACCURACY = 0.5
@@ -304,7 +305,7 @@ def scoring_classifier(path, data: str, reference: ImageDataset, num_classes: in
     weights = classifier_weights(path)
     classifier = default_classifier() if path is None else load_classifier(weights)
     fix = (f": train one for it with `mpdit classifier --data {data} --out CLASSIFIER` and pass --classifier "
-           "CLASSIFIER") if path is None else ""
+           "CLASSIFIER (or --classifier none --inception for Inception FID alone)") if path is None else ""
     name = "the packaged MNIST classifier" if path is None else f"classifier {weights}"
     if classifier.config["num_classes"] != num_classes:
         raise MPDiTError(f"{name} has {classifier.config['num_classes']} classes, the model {num_classes}{fix}")
