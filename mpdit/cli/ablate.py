@@ -80,7 +80,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     parser.add_argument("--eval-steps", type=ints, default=None,
                         help="comma list of steps whose checkpoints are also evaluated (default: the final one only)")
-    parser.add_argument("--eval-num", type=int, default=None, help=f"samples per evaluation (default {DEFAULTS.eval_num})")
+    parser.add_argument("--eval-num", type=int, default=None,
+                        help=f"samples per evaluation (default {DEFAULTS.eval_num})")
     parser.add_argument("--sampler", default=None, help=f"default {DEFAULTS.sampler}")
     parser.add_argument("--sample-steps", type=int, default=None, help=f"default {DEFAULTS.sample_steps}")
     parser.add_argument("--cfg-scale", "--cfg-scales", dest="cfg_scales", type=floats, default=None,

@@ -151,8 +151,6 @@ class Budget:
         return sorted(set(self.eval_steps) | {self.steps})
 
 
-
-
 def run_dir(out: Path, row: Row, seed: int) -> Path:
     return out / "runs" / row.name / f"seed-{seed}"
 
@@ -198,8 +196,9 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) ->
     if path.is_file():
         result = json.loads(path.read_text())
         protocol = result["protocol"]
-        if ({key: protocol.get(key) for key in wanted} == wanted
-                and protocol.get("classifier", {}).get("weights") == str(classifier_weights(budget.classifier))):
+        scorer = (protocol.get("classifier") or {}).get("weights")
+        same_scorer = scorer == str(classifier_weights(budget.classifier))
+        if same_scorer and {key: protocol.get(key) for key in wanted} == wanted:
             return result
     result = evaluate(checkpoint, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,
                       cfg_scale=cfg_scale, seed=seed, device=budget.device, baseline=False, progress=False,

@@ -131,7 +131,8 @@ def plot_curves(lines: list[dict], path: str | Path) -> Path:
                        capsize=3, label=name)
         ax_acc.errorbar(steps, [100 * p["acc_mean"] for p in points], [100 * p["acc_std"] for p in points],
                         marker="o", capsize=3, label=name)
-    ax_fd.set(xlabel="step", ylabel="FD (classifier features)", yscale="log", title="Fréchet distance (lower is better)")
+    ax_fd.set(xlabel="step", ylabel="FD (classifier features)", yscale="log",
+              title="Fréchet distance (lower is better)")
     ax_acc.set(xlabel="step", ylabel="class accuracy of samples (%)", title="Class accuracy")
     ax_fd.legend(fontsize=7)
     fig.tight_layout()
