@@ -10,7 +10,7 @@ Resumable: a trained run (checkpoint at the budget's steps) is not trained again
 from its last checkpoint, an evaluation already written with the budget's protocol is not redone. Layout:
 OUT/runs/<row>/seed-<s>/ (a normal training run; its evaluations in checkpoints/step-N/eval-cfgG.json),
 OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
-OUT/results.md, OUT/curves.png (with more than one evaluated step).
+OUT/results.md, and at the end OUT/curves.png (with more than one evaluated step).
 """
 
 import csv
@@ -384,12 +384,16 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget) -> list[dict]:
             train_run(folder, row, seed, budget)
             records += evaluate_run(folder, row, seed, budget)
             best = write_results(out, records, budget, baseline=names[0])
+    if records and len(budget.evaluated_steps) > 1:
+        from mpdit.evaluation.plots import plot_curves
+
+        plot_curves(best_guidance(summarize(records)), out / "curves.png")
     return best
 
 
 def write_results(out: Path, records: list[dict], budget: Budget, baseline: str) -> list[dict]:
-    """OUT/results.csv (one line per run, step and guidance), OUT/results.md and, with more than one evaluated
-    step, OUT/curves.png; returns the final step's lines at each row's best guidance."""
+    """OUT/results.csv (one line per run, step and guidance) and OUT/results.md; returns the final step's lines at
+    each row's best guidance."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
@@ -397,8 +401,4 @@ def write_results(out: Path, records: list[dict], budget: Budget, baseline: str)
     lines = summarize(records)
     text, best = results_markdown(lines, budget, baseline)
     (out / "results.md").write_text(text)
-    if len(budget.evaluated_steps) > 1:
-        from mpdit.evaluation.plots import plot_curves
-
-        plot_curves(best_guidance(lines), out / "curves.png")
     return best
