@@ -26,7 +26,7 @@ from mpdit.cli.params import count_params
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError, dataclass_from_dict
-from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_weights
+from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
@@ -197,7 +197,7 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) ->
         result = json.loads(path.read_text())
         protocol = result["protocol"]
         scorer = (protocol.get("classifier") or {}).get("weights")
-        same_scorer = scorer == str(classifier_weights(budget.classifier))
+        same_scorer = scorer == classifier_name(budget.classifier)
         if same_scorer and {key: protocol.get(key) for key in wanted} == wanted:
             return result
     result = evaluate(checkpoint, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,

@@ -250,6 +250,14 @@ def classifier_weights(path=None) -> Path:
     return path / "classifier.safetensors" if path.is_dir() else path
 
 
+def classifier_name(path=None) -> str:
+    """How results name the classifier a ``--classifier`` value selects: the weights file it names, or the packaged
+    MNIST weights by their place in the package (the same on every install)."""
+    if path is None:
+        return f"packaged: mpdit/evaluation/weights/{PACKAGED_WEIGHTS.name}"
+    return str(classifier_weights(path))
+
+
 _LOADED: dict = {}
 
 
@@ -315,7 +323,7 @@ def scoring_classifier(path, data: str, reference: ImageDataset, num_classes: in
                          f"images correctly, so {data} is not MNIST{fix}")
     recipe_path = weights.with_suffix(".json")
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
-    return classifier, {"weights": str(weights), "trained_on": recipe.get("recipe", {}).get("data"),
+    return classifier, {"weights": classifier_name(path), "trained_on": recipe.get("recipe", {}).get("data"),
                         "test_accuracy": recipe.get("test_accuracy"), "reference_accuracy": reference_accuracy}
 
 
