@@ -1,5 +1,6 @@
 """`mpdit sample`: class-conditional samples from a checkpoint, written as a PNG grid and an ADM-style .npz."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def run(args) -> int:
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
     images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       seed=args.seed, batch_size=args.batch_size, device=device_of(args.device),
-                      progress=not args.no_progress, decode=decode)
+                      progress=not args.no_progress, decode=decode, compile_model=args.compile)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
@@ -131,6 +132,8 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", default="all", help="'all' (default: 0..K-1 in turn), 'random', or '3,5,7'")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(classes, 10))")
     parser.add_argument("--out", default="samples.png", help="grid PNG path; PATH.npz is written beside it")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the network (default: on CUDA, off on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(func=run)

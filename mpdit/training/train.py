@@ -21,7 +21,7 @@ from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.model.config import DiTConfig
-from mpdit.model.dit import MPDiT, load_state_dict_checked
+from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import ClassicEMA, PowerFunctionEMA, save_snapshot
 from mpdit.training.schedules import make_schedule, set_lr
@@ -60,7 +60,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on CUDA only (see compile_default)
     device: str = "auto"
     progress: bool = True
 
@@ -85,6 +85,11 @@ class TrainConfig:
 def family_optimizer(model_cfg: DiTConfig) -> dict:
     """The default optimizer settings of a model: MP_OPTIMIZER with weight_norm on, else DIT_OPTIMIZER."""
     return dict(MP_OPTIMIZER if model_cfg.has("weight_norm") else DIT_OPTIMIZER)
+
+
+def make_optimizer(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused: one multi-tensor kernel per step for all parameters of a device and dtype."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
 
 
 def default_image_size(native: int, patch: int) -> int:
@@ -182,8 +187,7 @@ class Trainer:
         self.check_data_fits_model()
         self.model = MPDiT(model_cfg).to(self.dist.device)
         self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
-        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=cfg.betas)
+        self.optimizer = make_optimizer(weight_decay_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas)
         self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.t_ref)
         self.ema = ClassicEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
@@ -192,7 +196,8 @@ class Trainer:
             self.load_latest()
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
         net = self.ddp or self.model
-        self.forward = torch.compile(net) if cfg.compile else net
+        self.compiled = compile_default(cfg.compile, self.dist.device)
+        self.forward = torch.compile(net) if self.compiled else net
         self.telemetry = Telemetry(self.model)
 
     def check_data_fits_model(self) -> None:
@@ -281,11 +286,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, record: bool) -> dict:
-        """One optimizer step on this rank's share of the global batch; returns scalar stats."""
+        """One optimizer step on this rank's share of the global batch; returns scalar stats as 0-d tensors
+        (read them only when logging: reading one waits for the device)."""
         x0, y, t, noise = global_batch(self.data, self.cfg, self.model_cfg, self.step)
         share = slice(self.dist.rank * len(x0) // self.dist.world_size,
                       (self.dist.rank + 1) * len(x0) // self.dist.world_size)
-        x0, y, t, noise = (v[share].to(self.dist.device) for v in (x0, y, t, noise))
+        cuda = self.dist.device.type == "cuda"  # pinned + non_blocking: the copy does not wait for the device
+        x0, y, t, noise = (v[share].pin_memory().to(self.dist.device, non_blocking=True) if cuda
+                           else v[share].to(self.dist.device) for v in (x0, y, t, noise))
         set_lr(self.optimizer, self.schedule(self.step))
         self.model.train()
         with self.telemetry.recording(record), self.autocast():
@@ -294,8 +302,10 @@ class Trainer:
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:  # the norm alone: no pass over the gradients to scale them by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.step += 1
         if self.ema:
@@ -307,7 +317,7 @@ class Trainer:
             packed = torch.stack(list(stats.values()))
             dist.all_reduce(packed)
             stats = dict(zip(stats, packed / self.dist.world_size))
-        return {k: float(v) for k, v in stats.items()} | {"grad_norm": float(grad_norm)}
+        return stats | {"grad_norm": grad_norm.detach()}
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -322,16 +332,22 @@ class Trainer:
             # One speed: images/s averaged since this call started (smoothing=0), the rate tqdm's estimate uses too.
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, smoothing=0,
                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]")
-        last_time, last_step = time.perf_counter(), self.step
-        start_time, start_step = last_time, self.step
+        last_time, last_step, start_step = time.perf_counter(), self.step, self.step
+        start_time = last_time
         try:
             while self.step < cfg.steps:
                 record = bool(cfg.telemetry_every) and (self.step + 1) % cfg.telemetry_every == 0
+                first_compiled = self.compiled and self.step == start_step
+                started = time.perf_counter()
                 stats = self.train_step(record)
+                if first_compiled and main:  # the first step of a compiled model includes its compilation
+                    print(f"compiled the training step: first step took {time.perf_counter() - started:.1f} s",
+                          flush=True)
                 if cfg.snapshot_every and self.power_ema and self.step % cfg.snapshot_every == 0 and main:
                     save_snapshot(self.run_dir, self.step, self.power_ema)
                 due = lambda every: bool(every) and self.step % every == 0  # noqa: E731
                 if main and (due(cfg.log_every) or record or self.step == cfg.steps):
+                    stats = {k: float(v) for k, v in stats.items()}
                     now = time.perf_counter()
                     rate = (self.step - last_step) * cfg.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
