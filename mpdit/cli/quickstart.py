@@ -97,7 +97,10 @@ def run(args) -> int:
         timings["train_s"] = round(time.perf_counter() - started, 1)
     checkpoint = latest_checkpoint(out)
     stages_path = out / STAGES_FILE
-    stages = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    try:
+        stages = json.loads(stages_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # no record (or an unreadable one): every stage is run
+        stages = {}
 
     def stage(name: str, inputs: dict, outputs: list[Path], work) -> None:
         """Run `work` unless the record says it is done with the same inputs and its outputs exist."""
