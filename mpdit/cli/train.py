@@ -13,7 +13,7 @@ from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, s
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
 from mpdit.nn.modulation import CONDITIONINGS
-from mpdit.training.checkpoint import list_checkpoints, resolve_checkpoint
+from mpdit.training.checkpoint import list_checkpoints
 from mpdit.training.schedules import SCHEDULES
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
@@ -112,7 +112,9 @@ def run(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         model_cfg, train_cfg = read_run_configs(run_dir)
-        resolve_checkpoint(run_dir)
+        if not list_checkpoints(run_dir):
+            raise MPDiTError(f"{run_dir} has no checkpoint to resume from (the run stopped before its first one): "
+                             f"start it again with --out {run_dir}")
         train_cfg = TrainConfig.from_dict({**dataclasses.asdict(train_cfg), **resume_overrides(args)})
         trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True, from_step=args.from_step)
     else:

@@ -294,10 +294,12 @@ class Trainer:
             self.load_checkpoint(candidates[-1])
         except MPDiTError as error:
             for older in reversed(candidates[:-1]):
-                with contextlib.suppress(MPDiTError):
+                try:
                     self.load_checkpoint(older)
-                    raise MPDiTError(f"{error}; the previous checkpoint {older} is intact: "
-                                     f"resume from it with --resume {self.run_dir} --from-step {self.step}") from None
+                except MPDiTError:
+                    continue
+                raise MPDiTError(f"{error}; the previous checkpoint {older} is intact: "
+                                 f"resume from it with --resume {self.run_dir} --from-step {self.step}") from None
             raise
 
     def load_checkpoint(self, path: Path) -> None:

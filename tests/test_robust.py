@@ -1,0 +1,288 @@
+"""No lost work: the divergence guard, the run-folder lock, repairs after kills, --resume's option check and
+--from-step (issue 12)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpdit.errors import MPDiTError
+from mpdit.training import checkpoint as ckpt
+from mpdit.training.ema import list_snapshots
+from mpdit.training.guard import DivergenceGuard, json_safe
+from mpdit.training.rundir import LOCK_FILE, RunLock, remove_leftovers, trim_log
+from mpdit.training.train import STATE_FILE, Trainer
+from test_train import configs, main_raise, read_log, weights
+
+
+def strict_log(run_dir) -> list[dict]:
+    """log.jsonl read by a strict JSON reader (bare NaN / Infinity are refused)."""
+    def refuse(token):
+        raise AssertionError(f"non-strict JSON token {token}")
+    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def all_finite(tensors) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# ----------------------------------------------------------------------------- divergence guard
+
+
+def test_guard_flags_and_counts():
+    guard = DivergenceGuard(3, torch.device("cpu"))
+    flags = [guard.found_inf(torch.tensor(loss), torch.tensor(norm)).item()
+             for loss, norm in [(1.0, 1.0), (float("nan"), 1.0), (1.0, float("inf")), (1.0, 1.0), (float("inf"), 2.0)]]
+    assert flags == [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert guard.counts() == (1, 3) and not guard.diverged()
+    assert json_safe({"a": [float("nan"), 1.5, {"b": float("-inf")}], "c": "x"}) == {"a": [None, 1.5, {"b": None}],
+                                                                                     "c": "x"}
+
+
+def test_a_nonfinite_step_changes_nothing(tmp_path, tiny_idx, monkeypatch):
+    """Step 3's loss is made NaN: its optimizer step leaves weights, moments and step count as they were; the EMAs
+    stay finite; training goes on; the log counts the skipped step and is strict JSON."""
+    model_cfg, cfg = configs(tiny_idx, steps=6, log_every=1, telemetry_every=0, ckpt_every=0)
+    trainer = Trainer(tmp_path, model_cfg, cfg)
+    real_losses = trainer.diffusion.training_losses
+
+    def losses(*args, **kwargs):
+        out = real_losses(*args, **kwargs)
+        if trainer.step == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def state():
+        return [p.detach().clone() for p in trainer.model.parameters()] + [
+            v.clone() for s in trainer.optimizer.state.values() for v in s.values()]
+
+    seen = {}
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.update({trainer.step: [state()]}))
+    trainer.optimizer.register_step_post_hook(lambda *_: seen[trainer.step].append(state()))
+    monkeypatch.setattr(trainer.diffusion, "training_losses", losses)
+    trainer.run()
+    for step, (before, after) in seen.items():
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+        assert unchanged == (step == 2), step
+    log = strict_log(tmp_path)
+    assert [e["skipped_steps"] for e in log] == [0, 0, 1, 1, 1, 1]
+    assert log[2]["loss"] is None and log[3]["loss"] is not None
+    final = ckpt.latest_checkpoint(tmp_path)
+    for name in ("model.safetensors", "ema.safetensors", "ema-sigma-0.050.safetensors"):
+        assert all_finite(ckpt.load_safetensors(final / name)), name
+    assert ckpt.load_torch(final / STATE_FILE)["skipped_steps"] == 1
+    assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {5.0}  # the skipped step did not count
+
+
+def test_divergence_stops_with_one_line_and_keeps_finite_checkpoints(tmp_path, tiny_idx):
+    """lr 1e6 (issue 12's case): the run stops with a one-line error; every checkpoint, EMAs and optimizer
+    included, is finite; the log is strict JSON."""
+    model_cfg, cfg = configs(tiny_idx, steps=40, lr=1e6, warmup_steps=0, ckpt_every=3, keep_checkpoints=2,
+                             log_every=1, max_bad_steps=8)
+    with pytest.raises(MPDiTError, match=r"training diverged: .* not finite for the last 8 steps") as error:
+        Trainer(tmp_path, model_cfg, cfg).run()
+    assert "\n" not in str(error.value) and "lower --lr" in str(error.value)
+    kept = ckpt.list_checkpoints(tmp_path)
+    assert kept and len(kept) <= 2
+    for _step, path in kept:
+        for name in ("model.safetensors", "ema.safetensors", "ema-sigma-0.050.safetensors",
+                     "ema-sigma-0.100.safetensors"):
+            assert all_finite(ckpt.load_safetensors(path / name)), (path, name)
+        state = ckpt.load_torch(path / STATE_FILE)["optimizer"]["state"]
+        assert all(torch.isfinite(v).all() for s in state.values() for v in s.values())
+    for _step, _sigma, path in list_snapshots(tmp_path):
+        assert all_finite(ckpt.load_safetensors(path))
+    log = strict_log(tmp_path)
+    assert any(e["loss"] is None for e in log) and log[-1]["skipped_steps"] >= 8
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path, tiny_idx):
+    model_cfg, cfg = configs(tiny_idx, steps=4, ckpt_every=4)
+    trainer = Trainer(tmp_path, model_cfg, cfg)
+    trainer.run()
+    with torch.no_grad():
+        next(trainer.model.parameters())[0, 0] = float("inf")
+    trainer.step = 8
+    with pytest.raises(MPDiTError, match=r"checkpoint of step 8 has non-finite values .*newest checkpoint is .*4"):
+        trainer.save_checkpoint()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(MPDiTError, match=f"in use by training process {sleeper.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / LOCK_FILE).write_text(f"{dead_pid()} {socket.gethostname()}\n")
+    with RunLock(tmp_path) as lock:
+        assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid()) and lock.held
+    assert not (tmp_path / LOCK_FILE).exists()  # released
+    (tmp_path / LOCK_FILE).write_text("123 another-host\n")
+    with pytest.raises(MPDiTError, match="in use by process 123 on another-host.*delete"):
+        RunLock(tmp_path).acquire()
+
+
+def test_train_refuses_a_folder_in_use(tmp_path, tiny_idx):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / LOCK_FILE).write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(MPDiTError, match="in use by training process"):
+            main_raise(["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--steps", "1", "--no-progress",
+                        "--out", str(tmp_path / "run")])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MPDiTError, match="cannot use .*file.* as a run folder"):
+        main_raise(["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--steps", "1", "--no-progress",
+                    "--out", str(tmp_path / "file" / "run")])
+
+
+# ----------------------------------------------------------------------------- repairs after kills
+
+
+def test_leftovers_are_removed_and_an_aside_checkpoint_put_back(tmp_path):
+    (tmp_path / "checkpoints" / "step-0000004.tmp-999").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000008.old-77").mkdir()
+    (tmp_path / "ema_snapshots").mkdir()
+    (tmp_path / "ema_snapshots" / "step-0000004-sigma-0.050.safetensors.tmp-999").write_bytes(b"x")
+    (tmp_path / "log.jsonl.tmp-5").write_text("")
+    removed = remove_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == ["log.jsonl.tmp-5", "step-0000004-sigma-0.050.safetensors.tmp-999",
+                                               "step-0000004.tmp-999"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000008"]
+
+
+def test_trim_log_keeps_the_steps_up_to_the_resume_point(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "loss": NaN}\n{"step": 6, "lo')
+    trim_log(tmp_path, 5)
+    assert [e["step"] for e in strict_log(tmp_path)] == [1, 2, 3, 4, 5]
+    assert strict_log(tmp_path)[-1]["loss"] is None
+
+
+def test_kill_before_the_first_checkpoint_allows_a_fresh_run(tmp_path, tiny_idx, monkeypatch):
+    run = tmp_path / "run"
+    model_cfg, cfg = configs(tiny_idx, log_every=1, snapshot_every=1)
+    killed_run(run, model_cfg, cfg, monkeypatch, at_step=3)
+    (run / "checkpoints" / "step-0000004.tmp-999").mkdir(parents=True)  # killed during the first checkpoint
+    with pytest.raises(MPDiTError, match=f"no checkpoint to resume from .*start it again with --out {run}"):
+        main_raise(["train", "--resume", str(run)])
+    args = ["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "2",
+            "--log-every", "1", "--no-progress", "--out", str(run)]
+    assert main_raise(args) == 0
+    assert [e["step"] for e in strict_log(run)] == [1, 2]  # the old log was not appended to
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
+    assert [s for s, _sigma, _p in list_snapshots(run)] == [2, 2]  # the killed run's snapshots 1-3 are gone
+
+
+def killed_run(run, model_cfg, cfg, monkeypatch, at_step):
+    """Train until ``at_step`` steps are done, then die as a kill would (KeyboardInterrupt in the next step)."""
+    original = Trainer.train_step
+
+    def dying_step(self, record):
+        if self.step == at_step:
+            raise KeyboardInterrupt
+        return original(self, record)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run, model_cfg, cfg).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+
+def test_resume_repairs_log_snapshots_and_lock(tmp_path, tiny_idx, monkeypatch):
+    model_cfg, cfg = configs(tiny_idx, steps=12, log_every=1, telemetry_every=0)
+    run = tmp_path / "run"
+    killed_run(run, model_cfg, cfg, monkeypatch, at_step=6)
+    assert not (run / LOCK_FILE).exists()  # released by the dying process
+    lost = sorted((run / "ema_snapshots").glob("step-0000004-*"))
+    saved = {p.name: ckpt.load_safetensors(p) for p in lost}
+    for path in lost:  # a kill between the checkpoint rename and the snapshot writes
+        path.unlink()
+    Trainer(run, model_cfg, cfg, resume=True).run()
+    assert [e["step"] for e in strict_log(run)] == list(range(1, 13))  # steps 5-6 are not logged twice
+    for name, tensors in saved.items():
+        again = ckpt.load_safetensors(run / "ema_snapshots" / name)
+        assert all(torch.equal(tensors[k], again[k]) for k in tensors), name
+    assert [s for s, _sigma, _p in list_snapshots(run)] == [4, 4, 8, 8, 12, 12]
+
+
+def test_resume_redraws_a_missing_final_grid(tmp_path, tiny_idx):
+    run = tmp_path / "run"
+    assert main_raise(["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "2",
+                       "--no-progress", "--out", str(run)]) == 0
+    grid = run / "samples" / "step-0000002.png"
+    grid.unlink()  # a kill during the final grid
+    assert main_raise(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert grid.is_file() and not list(grid.parent.glob("*.tmp-*"))
+
+
+def test_damaged_checkpoint_names_the_previous_one_and_from_step_resumes(tmp_path, tiny_idx):
+    model_cfg, cfg = configs(tiny_idx, steps=12, telemetry_every=0)
+    Trainer(tmp_path / "whole", model_cfg, cfg).run()
+    run = tmp_path / "run"
+    Trainer(run, model_cfg, cfg.__class__(**{**cfg.__dict__, "steps": 8})).run()
+    model = run / "checkpoints" / "step-0000008" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # truncated newest model file
+    with pytest.raises(MPDiTError, match=r"corrupt or truncated.*previous checkpoint .*step-0000004 is intact: "
+                                         r"resume from it with --resume .* --from-step 4"):
+        main_raise(["train", "--resume", str(run)])
+    (run / "checkpoints" / "step-0000004" / "ema.safetensors").unlink()  # and a missing EMA file there
+    with pytest.raises(MPDiTError, match=r"no checkpoint file at .*step-0000004/ema.safetensors"):
+        main_raise(["train", "--resume", str(run), "--from-step", "4"])
+    with pytest.raises(MPDiTError, match=r"has no checkpoint of step 5 \(it has: 4, 8\)"):
+        main_raise(["train", "--resume", str(run), "--from-step", "5"])
+
+
+def test_from_step_continues_like_an_uninterrupted_run(tmp_path, tiny_idx):
+    model_cfg, cfg = configs(tiny_idx, steps=12, telemetry_every=0)
+    Trainer(tmp_path / "whole", model_cfg, cfg).run()
+    Trainer(tmp_path / "run", model_cfg, cfg).run()
+    model = tmp_path / "run" / "checkpoints" / "step-0000012" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    assert main_raise(["train", "--resume", str(tmp_path / "run"), "--from-step", "8", "--no-progress"]) == 0
+    whole, again = weights(tmp_path / "whole"), weights(tmp_path / "run")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000012.discarded").is_dir()  # set aside, not deleted
+    assert [e["step"] for e in read_log(tmp_path / "run")] == [2, 4, 6, 8, 10, 12]
+
+
+# ----------------------------------------------------------------------------- --resume options
+
+
+def test_resume_refuses_options_that_change_the_run(tmp_path, tiny_idx):
+    run = tmp_path / "run"
+    assert main_raise(["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "2",
+                       "--no-progress", "--out", str(run)]) == 0
+    for given, named in [(["--lr", "0.5"], "--lr"), (["--batch-size", "64"], "--batch-size"),
+                         (["--model", "DiT-Micro/4", "--seed", "1"], "--model, --seed"), (["--data", "mnist"], "--data"),
+                         (["--out", str(run)], "--out")]:
+        with pytest.raises(MPDiTError, match=f"so {named} cannot be given .*allowed with --resume: --steps"):
+            main_raise(["train", "--resume", str(run), *given])
+    assert main_raise(["train", "--resume", str(run), "--steps", "4", "--log-every", "1", "--ckpt-every", "4",
+                       "--keep-checkpoints", "1", "--no-progress"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4]
+    assert [e["step"] for e in read_log(run)] == [2, 3, 4]
+    with pytest.raises(MPDiTError, match="--from-step goes with --resume"):
+        main_raise(["train", "--from-step", "2", "--out", str(tmp_path / "x")])
