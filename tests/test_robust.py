@@ -286,3 +286,77 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, tiny_idx):
     assert [e["step"] for e in read_log(run)] == [2, 3, 4]
     with pytest.raises(MPDiTError, match="--from-step goes with --resume"):
         main_raise(["train", "--from-step", "2", "--out", str(tmp_path / "x")])
+
+
+# ----------------------------------------------------------------------------- a real fault: kill -9
+
+
+# The `mpdit` command with every safetensors write slowed down (a slow disk), so a kill lands inside one.
+SLOW_DISK = """import sys, time
+import mpdit.training.checkpoint as c, mpdit.training.ema as e
+write = c.save_safetensors
+c.save_safetensors = e.save_safetensors = lambda *a, **k: (time.sleep(0.15), write(*a, **k))[1]
+from mpdit.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_during_write(argv, folder, name_glob, timeout=120.0) -> None:
+    """Start the slowed `mpdit` with ``argv``; kill -9 it as soon as a temp file or folder matching
+    ``folder/name_glob`` exists (a write in progress). Fails if the process ends first."""
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", SLOW_DISK, *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(name_glob)):
+        assert process.poll() is None, f"ended before the write to kill: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no write to kill"
+        time.sleep(0.005)
+    process.kill()  # SIGKILL: no cleanup runs
+    process.wait()
+
+
+def compare_runs(a, b) -> None:
+    """Model, EMAs, optimizer state, step and snapshots of the newest checkpoints of two runs are identical."""
+    ca, cb = ckpt.latest_checkpoint(a), ckpt.latest_checkpoint(b)
+    assert ca.name == cb.name
+    for name in sorted(p.name for p in ca.glob("*.safetensors")):
+        x, y = ckpt.load_safetensors(ca / name), ckpt.load_safetensors(cb / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    sa, sb = ckpt.load_torch(ca / STATE_FILE), ckpt.load_torch(cb / STATE_FILE)
+    assert sa["step"] == sb["step"] and sa["power_ema_updates"] == sb["power_ema_updates"]
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    snaps_a, snaps_b = list_snapshots(a), list_snapshots(b)
+    assert [(s, sigma) for s, sigma, _ in snaps_a] == [(s, sigma) for s, sigma, _ in snaps_b]
+    for (_s, _sigma, pa), (_t, _tau, pb) in zip(snaps_a, snaps_b):
+        x, y = ckpt.load_safetensors(pa), ckpt.load_safetensors(pb)
+        assert all(torch.equal(x[k], y[k]) for k in x), pa.name
+
+
+@pytest.mark.slow
+def test_kill_9_during_writes_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_idx):
+    """kill -9 during the first checkpoint's write, during a later checkpoint's write and between a checkpoint
+    and its EMA snapshots; restarting/resuming each time ends with the same model, EMAs, optimizer state and
+    snapshots as a run never interrupted, a strict-JSON log without repeated steps and no temp leftovers."""
+    from mpdit.cli.main import main
+    new = ["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "16",
+           "--ckpt-every", "4", "--log-every", "1", "--t-ref", "50", "--warmup-steps", "2", "--no-progress"]
+    assert main([*new, "--out", str(tmp_path / "whole")]) == 0
+    run = tmp_path / "run"
+    resume = ["train", "--resume", str(run), "--no-progress"]
+    kill_during_write([*new, "--out", str(run)], run / "checkpoints", "step-0000004.tmp-*")
+    assert not ckpt.list_checkpoints(run)
+    with pytest.raises(MPDiTError, match="start it again with --out"):
+        main_raise(resume)
+    kill_during_write([*new, "--out", str(run)], run / "checkpoints", "step-0000008.tmp-*")
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4]
+    kill_during_write(resume, run / "ema_snapshots", "step-0000012-*.tmp-*")
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4, 8, 12]
+    assert len(list((run / "ema_snapshots").glob("step-0000012-*.safetensors"))) < 2  # a snapshot was lost
+    assert (run / LOCK_FILE).exists()  # left by the killed process; taken over below
+    assert main(resume) == 0
+    compare_runs(tmp_path / "whole", run)
+    assert [e["step"] for e in strict_log(run)] == list(range(1, 17))
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name] and not (run / LOCK_FILE).exists()
