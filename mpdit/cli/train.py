@@ -40,6 +40,14 @@ def apply_preset(args) -> None:
             setattr(args, key, value)
 
 
+def numbers(text: str, option: str) -> tuple[float, ...]:
+    """'0.9,0.99' -> (0.9, 0.99); a one-line error naming ``option`` for anything else."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MPDiTError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
 def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
     """Model and training configs from the command line, and the training data, which fixes channels, size and
     classes (loaded once here and handed to the Trainer)."""
@@ -55,12 +63,12 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
     family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
     if args.betas is not None:
-        chosen["betas"] = tuple(float(b) for b in args.betas.split(","))
+        chosen["betas"] = numbers(args.betas, "--betas")
     options = {**family, **chosen}
     train_cfg = TrainConfig(
         data=args.data, image_size=size, steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, t_ref=args.t_ref,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, min_snr_gamma=args.min_snr_gamma, ema_decay=args.ema_decay or None,
-        ema_sigma_rels=tuple(float(s) for s in args.ema_sigma_rels.split(",") if s),
+        ema_sigma_rels=numbers(args.ema_sigma_rels, "--ema-sigma-rels"),
         snapshot_every=args.snapshot_every, seed=args.seed, log_every=args.log_every,
         telemetry_every=args.telemetry_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
         keep_checkpoints=args.keep_checkpoints, precision=args.precision, compile=args.compile, device=args.device,

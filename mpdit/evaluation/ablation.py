@@ -38,6 +38,8 @@ class Row:
     def __post_init__(self):
         parse_mp(self.mp)
         conditioning_ops(self.conditioning)
+        if self.seeds is not None and self.seeds < 1:
+            raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
 
     def optimizer(self) -> dict:
         """The family's optimizer settings (mpdit.training.train.family_optimizer) with this row's overrides."""
@@ -71,8 +73,8 @@ def load_grid(path: str | Path) -> list[Row]:
         raise MPDiTError(f"no grid file at {path}") from None
     except json.JSONDecodeError as error:
         raise MPDiTError(f"grid file {path} is not valid JSON ({error})") from None
-    if not isinstance(items, list):
-        raise MPDiTError(f"grid file {path} must hold a JSON list of rows")
+    if not isinstance(items, list) or not items:
+        raise MPDiTError(f"grid file {path} must hold a non-empty JSON list of rows")
     rows = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "name" not in item:

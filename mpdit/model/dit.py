@@ -306,6 +306,21 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         """sum(p.numel()) over all parameters, including the fixed position table (as DiT counts)."""
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
+                         **_model_kwargs) -> "MPDiT":
+        """from_pretrained's loader (PyTorchModelHubMixin hook), strict: the model is rebuilt from config.json with
+        load_model's checks (unknown or ill-typed keys refused) and every tensor must match it, key and shape."""
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import hf_hub_download
+
+            for name in ("config.json", "model.safetensors"):
+                folder = Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, token=token,
+                                              force_download=force_download, local_files_only=local_files_only)).parent
+        return load_model(folder, device=map_location).eval()
+
 
 def build_model(model: str = "DiT-S/2", **overrides) -> MPDiT:
     """A model from the zoo, e.g. build_model('DiT-S/2', mp='all', conditioning='scale-rotation-gate')."""

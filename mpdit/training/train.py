@@ -79,6 +79,14 @@ class TrainConfig:
         for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise MPDiTError(f"{name} must be >= 0")
+        if not self.lr > 0:
+            raise MPDiTError(f"the learning rate must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise MPDiTError(f"betas must be two numbers in [0, 1) ('b1,b2', e.g. 0.9,0.99), got {self.betas}")
+        if self.weight_decay < 0 or (self.grad_clip is not None and not self.grad_clip > 0):
+            raise MPDiTError("weight decay must be >= 0 and the gradient clip (if given) > 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise MPDiTError(f"the EMA decay must be in (0, 1) (0 on the command line disables it), got {self.ema_decay}")
         if self.max_bad_steps < 1:
             raise MPDiTError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
