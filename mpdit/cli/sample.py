@@ -82,6 +82,14 @@ def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> to
     return torch.tensor(classes).repeat(-(-num // len(classes)))[:num]
 
 
+def check_counts(args) -> None:
+    """One-line errors for sample counts that cannot work (checked before any model is loaded)."""
+    for option in ("num", "batch_size", "steps", "nrow"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise MPDiTError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+
+
 def device_of(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,14 +115,15 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
 
 
 def run(args) -> int:
+    check_counts(args)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
     model, decode, source = load_sampling_model(args, device_of(args.device))
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
     images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       seed=args.seed, batch_size=args.batch_size, device=device_of(args.device), progress=True,
                       decode=decode)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
     grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
     npz = save_npz(images, out.with_suffix(".npz"), labels)
     print(json.dumps({"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler, "steps": args.steps,

@@ -275,6 +275,10 @@ def _load_idx_folder(folder: Path, split: str, image_size, num_classes=None, cla
     images, labels = _read_idx_pair(images_path, labels_path)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if len(labels) else 0
+        unused = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
+        if unused and split == "train":  # the train split defines the classes
+            raise MPDiTError(f"{labels_path} has labels up to {num_classes - 1} but no image of class {unused[0]} "
+                             f"({len(unused)} of 0..{num_classes - 1} unused): the labels must be the classes 0..K-1")
     elif len(labels) and labels.max() >= num_classes:
         raise MPDiTError(f"{labels_path} holds label {int(labels.max())}, expected < {num_classes}")
     images = torch.from_numpy(images.copy()).unsqueeze(1)
@@ -389,6 +393,9 @@ def _load_image_folder(root: Path, split: str, image_size):
         warnings.warn(f"skipped {skipped} unreadable or non-image file(s) in {split_dir}", stacklevel=3)
     if not arrays:
         raise MPDiTError(f"no readable images in {split_dir} (expected {split_dir}/<class>/<image files>)")
+    empty = [name for i, name in enumerate(class_names) if split_dir == train_dir and i not in set(labels)]
+    if empty:
+        raise MPDiTError(f"class folder {split_dir / empty[0]} has no readable images: add some or remove the folder")
 
     sizes = sorted({a.shape[:2] for a in arrays})
     if image_size is None and len(sizes) > 1:

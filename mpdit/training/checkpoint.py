@@ -190,14 +190,14 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device | None 
     _require_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))  # a valid file with non-allowlisted objects
+    except pickle.UnpicklingError as error:  # torch's text recommends weights_only=False, the unsafe way: not shown
+        text = str(error)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)  # a valid file with non-allowlisted objects
         if refused:
-            raise MPDiTError(
-                f"checkpoint file {path} holds Python objects ({refused.group(1)}) that weights_only loading refuses; "
-                "load it with weights_only=False only if you trust its source"
-            ) from None
-        raise _corrupt(path, error) from None
+            raise MPDiTError(f"checkpoint file {path} holds Python objects ({refused.group(1)}) that safe loading "
+                             "refuses (mpdit writes only tensors and plain values there); it was not loaded") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        raise _corrupt(path, pickle.UnpicklingError(detail.group(1) if detail else text)) from None
     except Exception as error:  # zip/pickle errors, EOFError, OSError on short reads, KeyError...
         raise _corrupt(path, error) from None
 
