@@ -360,3 +360,39 @@ def test_kill_9_during_writes_then_resume_matches_an_uninterrupted_run(tmp_path,
     compare_runs(tmp_path / "whole", run)
     assert [e["step"] for e in strict_log(run)] == list(range(1, 17))
     assert not [p for p in run.rglob("*") if ".tmp-" in p.name] and not (run / LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- model bugs (item 13)
+
+
+def test_eval_weight_cache_follows_replaced_parameters():
+    """In eval mode without grad the effective weights are cached; replacing a parameter rather than writing it in
+    place (load_state_dict(assign=True), param.data = ..., torch.func.functional_call) must not reuse stale ones."""
+    from mpdit.model.dit import build_model
+    torch.manual_seed(0)
+    model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=10, mp="all",
+                        conditioning="scale-rotation-gate").eval()
+    other = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=10, mp="all",
+                        conditioning="scale-rotation-gate").eval()
+    with torch.no_grad():  # give the zero-init gains some value, so every layer matters
+        for m in (model, other):
+            for name, p in m.named_parameters():
+                if "gain" in name:
+                    p.add_(torch.randn_like(p))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected, mine = other(x, t, y), model(x, t, y)  # both caches filled
+        assert not torch.allclose(expected, mine)
+        swapped = {k: v.clone() for k, v in other.state_dict().items()}
+        assert torch.allclose(torch.func.functional_call(model, swapped, (x, t, y)), expected)
+        assert torch.equal(model(x, t, y), mine)  # and back to its own weights
+        for name, p in model.named_parameters():
+            p.data = other.get_parameter(name).detach().clone()
+        for name, b in model.named_buffers():  # fixed tables (Fourier frequencies...) are not the cached weights
+            b.copy_(other.get_buffer(name))
+        assert torch.allclose(model(x, t, y), expected)
+    model.load_state_dict(dict(build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=10, mp="all",
+                                           conditioning="scale-rotation-gate").state_dict()), assign=True)
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, y), expected)

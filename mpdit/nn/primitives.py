@@ -117,7 +117,10 @@ class MPLinear(nn.Module):
         return w.to(dtype)
 
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        key = (self.weight._version, None if self.gain is None else self.gain._version, dtype, self.weight.device)
+        """The eval-mode effective weight, recomputed when a parameter is written in place (its version counter)
+        or replaced (a new tensor or storage: load_state_dict(assign=True), param.data = ..., functional_call)."""
+        key = (dtype, self.weight.device, *((id(t), t.data_ptr(), t._version) for t in (self.weight, self.gain)
+                                            if t is not None))
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.effective_weight(dtype))
         return self._cache[1]
