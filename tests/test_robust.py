@@ -396,3 +396,145 @@ def test_eval_weight_cache_follows_replaced_parameters():
     model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
     with torch.no_grad():
         assert torch.allclose(model(x, t, y), expected)
+
+
+def test_converter_takes_the_class_count_of_a_dit_without_label_dropout(tmp_path):
+    from mpdit.model.convert import infer_config, load_official_checkpoint, to_official
+    from mpdit.model.dit import build_model
+    no_dropout = build_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=5, class_dropout_prob=0.0)
+    torch.save(to_official(no_dropout.state_dict()), tmp_path / "dit.pt")
+    state = torch.load(tmp_path / "dit.pt", weights_only=True)
+    assert infer_config(state).num_classes == 4  # the shapes alone read a null class into the 5 rows
+    loaded = load_official_checkpoint(tmp_path / "dit.pt", num_classes=5)
+    assert loaded.config.num_classes == 5 and loaded.config.class_dropout_prob == 0
+    with_dropout = build_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=5)
+    cfg = infer_config(to_official(with_dropout.state_dict()), num_classes=5)
+    assert cfg.num_classes == 5 and cfg.class_dropout_prob == 0.1
+    with pytest.raises(MPDiTError, match="label table has 5 rows: that is not 7 classes"):
+        infer_config(state, num_classes=7)
+
+
+# ----------------------------------------------------------------------------- bad input: one-line errors
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tiny_idx):
+    """A 2-step run (checkpoint, snapshots) to point sample / eval / ema at."""
+    folder = tmp_path_factory.mktemp("small_run")
+    model_cfg, cfg = configs(tiny_idx, steps=2, ckpt_every=2)
+    Trainer(folder, model_cfg, cfg).run()
+    return folder
+
+
+def test_from_pretrained_is_strict(tmp_path):
+    from mpdit.model.dit import MPDiT, build_model
+    model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=10)
+    model.save_pretrained(tmp_path)
+    loaded = MPDiT.from_pretrained(tmp_path)
+    assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                        model.state_dict().values()))
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in [(dict(depth=3), "missing key 'blocks.2"), (dict(depth=None), "missing key 'blocks.2"),
+                            (dict(foo=1), "unknown model config key 'foo'"),
+                            (dict(depth="2"), "depth must be an integer")]:
+        bad = {**config, **change}
+        if change.get("depth", 0) is None:
+            del bad["depth"]  # no depth key: the default 12 blocks do not match the 2 stored
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(MPDiTError, match=message):
+            MPDiT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = ckpt.load_safetensors(tmp_path / "model.safetensors")
+    del state["final_layer.linear.weight"]
+    ckpt.save_safetensors(tmp_path / "model.safetensors", state)
+    from mpdit.pipeline import MPDiTPipeline
+    with pytest.raises(MPDiTError, match="missing key 'final_layer.linear.weight'"):
+        MPDiTPipeline.from_pretrained_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"depth": "2"}, "'depth' must be an integer, got '2'"), ({"mp": 5}, "'mp' must be a list of strings, got 5"),
+    ({"hidden_size": 64.5}, "'hidden_size' must be an integer, got 64.5"),
+    ({"learn_sigma": "false"}, "'learn_sigma' must be true or false"), ({"depth": 0}, "depth must be an integer >= 1"),
+])
+def test_model_config_values_are_checked(values, message):
+    from mpdit.model.config import DiTConfig
+    with pytest.raises(MPDiTError, match=message):
+        DiTConfig.from_dict({**DiTConfig.from_preset("DiT-Nano/4").to_dict(), **values})
+    with pytest.raises(MPDiTError, match="must come as a JSON object"):
+        DiTConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "learning rate must be > 0"), (["--betas", "0.9"], "betas must be two numbers"),
+    (["--betas", "2,0.9"], "betas must be two numbers"), (["--betas", "a,b"], "--betas takes comma-separated"),
+    (["--weight-decay", "-1"], "weight decay must be >= 0"), (["--max-bad-steps", "0"], "max_bad_steps must be >= 1"),
+])
+def test_bad_training_options(tmp_path, tiny_idx, argv, message):
+    with pytest.raises(MPDiTError, match=message):
+        main_raise(["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--steps", "1", "--out", str(tmp_path / "r"),
+                    *argv])
+    assert not (tmp_path / "r").exists()
+
+
+def test_grid_rows_are_checked(tmp_path):
+    from mpdit.evaluation.ablation import load_grid
+    for rows, message in [([], "non-empty JSON list"), ([{"name": "a", "lr": "fast"}], "'lr' must be a number"),
+                          ([{"name": "a", "seeds": 0}], "seeds must be >= 1")]:
+        (tmp_path / "grid.json").write_text(json.dumps(rows))
+        with pytest.raises(MPDiTError, match=message):
+            load_grid(tmp_path / "grid.json")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num", "0"], "--num must be >= 1"), (["--num", "-3"], "--num must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"), (["--nrow", "-2"], "--nrow must be >= 1"),
+    (["--out", "x.jpg"], "--out must end in .png"),
+])
+def test_sample_counts_are_checked_before_sampling(small_run, tmp_path, monkeypatch, argv, message):
+    import mpdit.cli.sample as cli_sample
+    monkeypatch.setattr(cli_sample, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+    with pytest.raises(MPDiTError, match=message):
+        main_raise(["sample", "--ckpt", str(small_run), "--out", str(tmp_path / "s.png"), *argv])
+
+
+def test_eval_num_zero_and_other_data(small_run, tmp_path, tiny_idx):
+    with pytest.raises(MPDiTError, match="--num must be >= 1"):
+        main_raise(["eval", "--ckpt", str(small_run), "--num", "0"])
+    with pytest.raises(MPDiTError, match="--data mnist is not the run's own data.*give --out"):
+        main_raise(["eval", "--ckpt", str(small_run), "--data", "mnist", "--num", "10"])
+
+
+def test_ema_refuses_a_checkpoint_as_out_and_steps_past_the_snapshots(small_run, tmp_path):
+    step_dir = ckpt.latest_checkpoint(small_run)
+    before = (step_dir / "model.safetensors").read_bytes()
+    renamed = tmp_path / "my-checkpoint"  # a checkpoint folder under another name
+    renamed.mkdir()
+    (renamed / STATE_FILE).write_bytes(b"")
+    (tmp_path / "other-run" / "checkpoints").mkdir(parents=True)
+    for out in (step_dir, renamed, tmp_path / "other-run"):
+        with pytest.raises(MPDiTError, match="is a training checkpoint or run"):
+            main_raise(["ema", "--run", str(small_run), "--sigma-rel", "0.07", "--out", str(out)])
+    assert (step_dir / "model.safetensors").read_bytes() == before
+    with pytest.raises(MPDiTError, match=r"step 99999 is past the last EMA snapshot \(step 2\)"):
+        main_raise(["ema", "--run", str(small_run), "--sigma-rel", "0.07", "--step", "99999", "--out",
+                    str(small_run.parent / "ema-out")])
+
+
+def test_idx_labels_with_unused_classes_and_empty_class_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_idx
+    from mpdit.data.datasets import load_dataset
+    labels = np.array([0, 1, 2, 255] * 4)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((16, 8, 8), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(MPDiTError, match="labels up to 255 but no image of class 3 .*must be the classes 0..K-1"):
+        load_dataset(f"idx:{tmp_path}", "train")
+    for name in ("a", "b", "empty"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "folder" / name / "0.png")
+    with pytest.raises(MPDiTError, match="class folder .*empty has no readable images"):
+        load_dataset(f"folder:{tmp_path / 'folder'}", "train")

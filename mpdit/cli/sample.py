@@ -54,7 +54,7 @@ def load_sampling_model(args, device: str):
     """(model, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215) or --ckpt
     (with the VAE decoder of its latents:PATH data, if any; --vae overrides the VAE)."""
     if args.dit_checkpoint:
-        model = load_official_checkpoint(args.dit_checkpoint, device)
+        model = load_official_checkpoint(args.dit_checkpoint, device, args.dit_num_classes)
         decode = LatentDecoder.official(args.vae or DEFAULT_VAE, device)
         return model, decode, {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
     if not args.ckpt:
@@ -100,6 +100,9 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--ckpt", default=None, help="run folder, its checkpoints/ folder, or one step folder")
     parser.add_argument("--dit-checkpoint", default=None, metavar="PATH",
                         help="an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt) instead of --ckpt")
+    parser.add_argument("--dit-num-classes", type=int, default=None, metavar="K",
+                        help="with --dit-checkpoint: its class count, for a DiT trained without label dropout "
+                             "(default: the label table's rows minus the null class)")
     parser.add_argument("--vae", default=None,
                         help=f"AutoencoderKL for latent models: Hub id or folder (default: the data's, {DEFAULT_VAE})")
     parser.add_argument("--weights", default="auto",
