@@ -288,6 +288,43 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, tiny_idx):
         main_raise(["train", "--from-step", "2", "--out", str(tmp_path / "x")])
 
 
+def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_path, tiny_idx, monkeypatch):
+    """A full disk during checkpoint 8, with a cleanup that fails too (a folder gone read-only): one line naming
+    the path, the reason and the intact checkpoint; nothing half-written is left under a final name."""
+    import errno
+    import shutil
+
+    import mpdit.training.checkpoint as checkpoint_module
+    model_cfg, cfg = configs(tiny_idx, steps=12, telemetry_every=0)
+    trainer = Trainer(tmp_path, model_cfg, cfg)
+    real_save = checkpoint_module.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if "step-0000008" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    real_unlink, real_rmtree = checkpoint_module.Path.unlink, shutil.rmtree
+
+    def read_only(real):
+        def remove(path, *args, **kwargs):
+            if "step-0000008" in str(path) and os.path.exists(path):
+                raise PermissionError(errno.EROFS, "Read-only file system")
+            return real(path, *args, **kwargs)
+        return remove
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint_module.Path, "unlink", read_only(real_unlink))
+    monkeypatch.setattr(shutil, "rmtree", read_only(real_rmtree))
+    with pytest.raises(MPDiTError, match=r"could not write .*step-0000008 \(No space left on device\); the newest "
+                                         r"intact checkpoint is .*step-0000004: free space"):
+        trainer.run()
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    Trainer(tmp_path, model_cfg, cfg, resume=True).run()  # and the run goes on from there
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 12]
+
+
 # ----------------------------------------------------------------------------- a real fault: kill -9
 
 

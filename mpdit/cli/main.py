@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (MPDiTError, FileNotFoundError) as error:
+    except (MPDiTError, OSError) as error:  # OSError: a missing file, a full disk, a read-only folder...
         print(f"mpdit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

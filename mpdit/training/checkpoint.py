@@ -72,7 +72,8 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        with contextlib.suppress(OSError):  # a failing cleanup (read-only folder) must not hide the first error
+            _remove(tmp)
         raise
     _fsync_path(path.parent, directory=True)
 
@@ -114,9 +115,10 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
             os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
-        if old is not None and old.exists() and not final.exists():
-            os.replace(old, final)  # put the previous version back
-        _remove(tmp)
+        with contextlib.suppress(OSError):  # a failing cleanup (read-only folder) must not hide the first error
+            if old is not None and old.exists() and not final.exists():
+                os.replace(old, final)  # put the previous version back
+            _remove(tmp)
         raise
     _fsync_path(final.parent, directory=True)
     if old is not None:

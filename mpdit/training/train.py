@@ -266,6 +266,27 @@ class Trainer:
         self.require_finite_state("checkpoint")
         if not self.dist.is_main:
             return None
+        with self.reporting_write_errors(ckpt.checkpoint_dir(self.run_dir, self.step)):
+            self.write_checkpoint()
+        if self.cfg.keep_checkpoints:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return ckpt.checkpoint_dir(self.run_dir, self.step)
+
+    @contextlib.contextmanager
+    def reporting_write_errors(self, path: Path):
+        """An OSError (disk full, read-only folder...) while writing ``path`` becomes a one-line MPDiTError saying
+        which path, why, and which checkpoint is intact."""
+        try:
+            yield
+        except OSError as error:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise MPDiTError(f"could not write {path} ({error.strerror or error}); "
+                             + (f"the newest intact checkpoint is {last}" if last else "no checkpoint was written yet")
+                             + f": free space or fix the folder, then --resume {self.run_dir}") from None
+
+    def write_checkpoint(self) -> None:
+        """The files of RUN_DIR/checkpoints/step-NNNNNNN (built in a temp folder, renamed in whole), then the
+        step's power-EMA snapshots when they go with checkpoints."""
         with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
             ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
             (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
@@ -284,9 +305,6 @@ class Trainer:
             })
         if self.power_ema and self.step > 0 and not self.cfg.snapshot_every:
             save_snapshot(self.run_dir, self.step, self.power_ema)
-        if self.cfg.keep_checkpoints:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
-        return ckpt.checkpoint_dir(self.run_dir, self.step)
 
     def load_latest(self, from_step: int | None = None) -> None:
         """Load the newest checkpoint (or the one of ``from_step``). If it is damaged, the error names the newest
@@ -447,7 +465,8 @@ class Trainer:
                     require_finite({f"sigma-{s:.3f}.{k}": v for s, shadow in zip(self.power_ema.sigma_rels,
                                                                                 self.power_ema.shadows)
                                     for k, v in shadow.items()}, f"the power-EMA snapshot of step {self.step}")
-                    save_snapshot(self.run_dir, self.step, self.power_ema)
+                    with self.reporting_write_errors(self.run_dir / SNAPSHOTS):
+                        save_snapshot(self.run_dir, self.step, self.power_ema)
                 if bar is not None:
                     bar.update(1)
                 if due(cfg.ckpt_every) or self.step == cfg.steps:
