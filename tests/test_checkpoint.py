@@ -165,6 +165,7 @@ class _Custom:
     pass
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain pickle below
 def test_untrusted_objects_refused_clearly(tmp_path):
     path = tmp_path / "obj.pt"
     save_torch(path, {"thing": _Custom()})

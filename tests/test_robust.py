@@ -294,17 +294,17 @@ def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_previous_one(tm
     import errno
     import shutil
 
-    import mpdit.training.checkpoint as checkpoint_module
+    import mpdit.files as files_module
     model_cfg, cfg = configs(tiny_idx, steps=12, telemetry_every=0)
     trainer = Trainer(tmp_path, model_cfg, cfg)
-    real_save = checkpoint_module.save_file
+    real_save = files_module.save_file
 
     def full_disk(tensors, filename, metadata=None):
         if "step-0000008" in str(filename):
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real_save(tensors, filename, metadata=metadata)
 
-    real_unlink, real_rmtree = checkpoint_module.Path.unlink, shutil.rmtree
+    real_unlink, real_rmtree = files_module.Path.unlink, shutil.rmtree
 
     def read_only(real):
         def remove(path, *args, **kwargs):
@@ -313,8 +313,8 @@ def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_previous_one(tm
             return real(path, *args, **kwargs)
         return remove
 
-    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
-    monkeypatch.setattr(checkpoint_module.Path, "unlink", read_only(real_unlink))
+    monkeypatch.setattr(files_module, "save_file", full_disk)
+    monkeypatch.setattr(files_module.Path, "unlink", read_only(real_unlink))
     monkeypatch.setattr(shutil, "rmtree", read_only(real_rmtree))
     with pytest.raises(MPDiTError, match=r"could not write .*step-0000008 \(No space left on device\); the newest "
                                          r"intact checkpoint is .*step-0000004: free space"):

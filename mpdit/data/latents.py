@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mpdit.errors import MPDiTError
-from mpdit.training.checkpoint import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors
+from mpdit.files import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 OFFICIAL_DIT_SCALE = 0.18215  # the SD VAE's scaling factor, used by the official DiT checkpoints

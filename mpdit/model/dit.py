@@ -29,7 +29,7 @@ from mpdit.nn.primitives import (
     sincos_pos_embed_2d,
     timestep_sinusoidal,
 )
-from mpdit.training.checkpoint import load_safetensors
+from mpdit.files import load_safetensors
 
 
 def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
@@ -254,6 +254,21 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         self.final_layer = FinalLayer(cfg)
         self.act = activation(cfg, nn.SiLU())
 
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
+                         **_model_kwargs) -> "MPDiT":
+        """from_pretrained's loader (PyTorchModelHubMixin hook), strict: the model is rebuilt from config.json with
+        load_model's checks (unknown or ill-typed keys refused) and every tensor must match it, key and shape."""
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import hf_hub_download
+
+            for name in ("config.json", "model.safetensors"):
+                folder = Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, token=token,
+                                              force_download=force_download, local_files_only=local_files_only)).parent
+        return load_model(folder, device=map_location).eval()
+
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         cfg = self.config
         expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -305,21 +320,6 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
     def num_params(self) -> int:
         """sum(p.numel()) over all parameters, including the fixed position table (as DiT counts)."""
         return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
-                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
-                         **_model_kwargs) -> "MPDiT":
-        """from_pretrained's loader (PyTorchModelHubMixin hook), strict: the model is rebuilt from config.json with
-        load_model's checks (unknown or ill-typed keys refused) and every tensor must match it, key and shape."""
-        folder = Path(model_id)
-        if not folder.is_dir():
-            from huggingface_hub import hf_hub_download
-
-            for name in ("config.json", "model.safetensors"):
-                folder = Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, token=token,
-                                              force_download=force_download, local_files_only=local_files_only)).parent
-        return load_model(folder, device=map_location).eval()
 
 
 def build_model(model: str = "DiT-S/2", **overrides) -> MPDiT:

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
+from mpdit.files import remove_path
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.guard import json_safe
 
@@ -137,7 +138,7 @@ def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
             if match.group(1) == "old" and not final.exists():
                 os.replace(path, final)  # the rewrite that renamed it aside never finished
                 continue
-            ckpt._remove(path)
+            remove_path(path)
             removed.append(path)
     return removed
 

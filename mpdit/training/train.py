@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError, dataclass_from_dict
+from mpdit.files import remove_path
 from mpdit.model.config import DiTConfig
 from mpdit.model.dit import MPDiT, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
@@ -408,7 +409,7 @@ class Trainer:
         for step, path in found:
             if self.step and step > self.step:
                 aside = path.with_name(f"{path.name}.discarded")
-                ckpt._remove(aside)
+                remove_path(aside)
                 os.replace(path, aside)
                 print(f"set aside {path} (after the resumed step {self.step}) as {aside.name}")
         if self.power_ema and self.step > 0 and self.step % (self.cfg.snapshot_every or self.step) == 0:
