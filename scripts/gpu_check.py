@@ -20,7 +20,7 @@ import torch
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.model.dit import build_model
 from mpdit.training.schedules import make_schedule, set_lr
-from mpdit.training.train import family_optimizer
+from mpdit.training.train import family_optimizer, make_optimizer
 
 VARIANTS = {"dit": dict(mp="none", conditioning="adaln-zero"),
             "mp-scale-shift-gate": dict(mp="all", conditioning="scale-shift-gate"),
@@ -33,7 +33,7 @@ def check(variant: str, args) -> dict:
     model = build_model(args.model, input_size=args.latent_size, in_channels=4, num_classes=1000,
                         **VARIANTS[variant]).to(device)
     opt = family_optimizer(model.config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=opt["betas"], weight_decay=0.0)
+    optimizer = make_optimizer(model.parameters(), opt["lr"], opt["betas"])
     schedule = make_schedule(opt["schedule"], opt["lr"], opt.get("warmup_steps", 200), 1000)
     diffusion = GaussianDiffusion.dit(1000, learn_sigma=True)
     shape = (args.batch_size, 4, args.latent_size, args.latent_size)

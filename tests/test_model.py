@@ -79,7 +79,7 @@ def test_rotation_modulation_is_a_drop_in_module():
     x, c = torch.randn(2, 5, 16), torch.randn(2, 8)
     assert torch.equal(module(x, c), x)
     with torch.no_grad():
-        module.angles.gains.fill_(1.0)
+        module.angles.proj.gain.fill_(1.0)
     out = module(x, c)
     assert not torch.allclose(out, x)
     assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5)

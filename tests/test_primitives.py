@@ -171,7 +171,8 @@ def test_mplinear_recomputed_weight_gives_autograd_gradients(learned_gain):
     grad = torch.randn_like(out)
     params = [x, layer.weight] + ([layer.gain] if layer.gain is not None else [])
     fused = torch.autograd.grad(out, params, grad)
-    plain_out = torch.nn.functional.linear(x, layer.effective_weight(torch.float32))
+    gain = 1.0 if layer.gain is None else layer.gain
+    plain_out = torch.nn.functional.linear(x, normalize(layer.weight) * gain / math.sqrt(16))  # EDM2 eq. 66
     plain = torch.autograd.grad(plain_out, params, grad)
     assert torch.allclose(out, plain_out, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused, plain))

@@ -4,6 +4,9 @@ DiT baseline (mp none, adaln-zero), measured in one process, in alternation (A B
 Training step: forward, backward, optimizer step and EMA update on one batch. Sampling step: one
 guided network evaluation (conditional + unconditional halves) in eval mode under no_grad.
 Ratios are to the baseline row of the same run. A benchmark, not a test: it asserts nothing.
+With --count-ops each row also gives the number of kernel-launching operations in one training step and
+one sampling step (see mpdit/evaluation/kernels.py): the same on every machine, and on a GPU, where a
+small model's step is bound by kernel launches, it tracks the time.
 """
 
 import json
@@ -15,9 +18,11 @@ import torch
 
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError
+from mpdit.evaluation.kernels import count_kernels
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
+from mpdit.training.train import make_optimizer
 
 BASELINE = ("none", "adaln-zero")
 DEFAULT_VARIANTS = "none:adaln-zero;all:scale-shift-gate;all:scale-rotation-gate"
@@ -30,7 +35,7 @@ class Bench:
         torch.manual_seed(0)
         self.config, self.device = config, device
         self.model = MPDiT(config).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = make_optimizer(self.model.parameters(), lr=1e-4)
         self.ema = ClassicEMA(self.model, 0.9999)
         self.diffusion = GaussianDiffusion.dit(learn_sigma=config.learn_sigma)
         self.forward = torch.compile(self.model) if compile_model else self.model
@@ -61,6 +66,14 @@ class Bench:
 
     def parameters(self) -> int:
         return self.model.num_params()
+
+    def kernels(self) -> tuple[int, int]:
+        """Kernel-launching operations of one training step and of one sampling step, each in steady state
+        (the optimizer's state exists; sampling reuses the normalized weights from the step before)."""
+        self.train_step()
+        train = count_kernels(self.train_step).total
+        self.sample_step()
+        return train, count_kernels(self.sample_step).total
 
 
 def synchronize(device: torch.device) -> None:
@@ -101,7 +114,8 @@ def peak_memory_mb(bench: Bench) -> float:
 
 
 def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_size: int, in_channels: int,
-              num_classes: int, device: str, dtype: str, compile_model: bool, repeats: int, warmup: int) -> list[dict]:
+              num_classes: int, device: str, dtype: str, compile_model: bool, repeats: int, warmup: int,
+              count_ops: bool = False) -> list[dict]:
     """Time every variant in alternation; return one row per variant with ratios to the baseline."""
     if BASELINE not in variants:
         variants = [BASELINE, *variants]
@@ -128,9 +142,14 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             "sample_spread_ms": _spread(sample_ms[i]), "peak_mem_mb": peak_memory_mb(bench),
             "device": str(dev), "dtype": dtype, "batch": batch, "compile": compile_model, "repeats": repeats,
         })
+        if count_ops:
+            rows[-1]["train_kernels"], rows[-1]["sample_kernels"] = bench.kernels()
     base = rows[variants.index(BASELINE)]
+    ratios = [("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")]
+    if count_ops:
+        ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels")]
     for row in rows:
-        for key, ref in (("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")):
+        for key, ref in ratios:
             row[key] = round(row[ref] / base[ref], 3)
         for key in ("train_ms", "train_spread_ms", "sample_ms", "sample_spread_ms", "peak_mem_mb"):
             row[key] = round(row[key], 2)
@@ -159,7 +178,8 @@ def parse_variants(spec: str) -> list[tuple[str, str]]:
 def run(args) -> int:
     rows = run_bench(args.model, parse_variants(args.variants), batch=args.batch, input_size=args.input_size,
                      in_channels=args.in_channels, num_classes=args.num_classes, device=args.device,
-                     dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup)
+                     dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup,
+                     count_ops=args.count_ops)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     if args.json:
@@ -169,13 +189,16 @@ def run(args) -> int:
     print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
           "(spread = interquartile range)")
+    kernels = f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6}" if args.count_ops else ""
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
-          f"{'peak MB':>9} {'x':>6}")
+          f"{'peak MB':>9} {'x':>6}{kernels}")
     for r in rows:
+        kernels = (f" {r['train_kernels']:>13,} {r['train_kernels_ratio']:>6.3f} {r['sample_kernels']:>14,} "
+                   f"{r['sample_kernels_ratio']:>6.3f}") if args.count_ops else ""
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
               f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
               f"{r['sample_ms']:>8.1f} ±{r['sample_spread_ms']:<5.1f} {r['sample_ratio']:>6.3f} "
-              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}")
+              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}{kernels}")
     return 0
 
 
@@ -195,6 +218,9 @@ def register(subparsers) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per variant (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count kernel-launching operations per training and sampling step "
+                             "(deterministic; see mpdit/evaluation/kernels.py for what counts)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     parser.set_defaults(func=run)

@@ -11,18 +11,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from mpdit.diffusion.schedule import noise_conditioning
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
-from mpdit.nn.modulation import ConditionProjection, conditioning_ops, modulate
+from mpdit.nn.modulation import ConditionProjection, apply_modulation, conditioning_ops, modulation_coefficients
 from mpdit.nn.primitives import (
     MPEmbedding,
     MPFourier,
     MPLinear,
     MPSiLU,
+    WeightNormalized,
+    WeightNormBank,
+    autocast_dtype,
     mp_pos_embed_2d,
     mp_sum,
     normalize,
@@ -77,7 +81,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.constant_channel:
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (N, C + 1, H, W)
+            x = F.pad(x, (0, 0, 0, 0, 0, 1), value=1.0)  # (N, C + 1, H, W): a constant-1 channel
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (N, T, D); row-major, so linears stay matmuls
 
 
@@ -90,7 +94,8 @@ class TimestepEmbedder(nn.Module):
         d = cfg.hidden_size
         if self.mp:
             self.fourier = MPFourier(num_features)
-            self.mlp = nn.Sequential(MPLinear(num_features, d), MPSiLU(), MPLinear(d, d))
+            # mp_silu = silu / 0.596, the constant folded into the next layer's weight
+            self.mlp = nn.Sequential(MPLinear(num_features, d), nn.SiLU(), MPLinear(d, d, input_gain=1 / 0.596))
             self.raw_steps = cfg.timestep_input == "raw"
             self.register_buffer("c_noise", noise_conditioning(cfg.num_timesteps), persistent=False)
         else:
@@ -102,7 +107,9 @@ class TimestepEmbedder(nn.Module):
 
     def noise_features(self, t: torch.Tensor) -> torch.Tensor:
         """EDM2's c_noise at (possibly fractional) steps t, by linear interpolation of the table; (N,)."""
-        t = t.float().clamp(0, len(self.c_noise) - 1)
+        if not t.is_floating_point():
+            return self.c_noise[t.clamp(0, len(self.c_noise) - 1)]
+        t = t.clamp(0, len(self.c_noise) - 1)
         low = t.floor().long()
         high = (low + 1).clamp(max=len(self.c_noise) - 1)
         return torch.lerp(self.c_noise[low], self.c_noise[high], t - low)
@@ -150,9 +157,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (N, H, T, d_head)
+        qk, v = qkv.split([2, 1])  # (2, N, H, T, d_head), (1, N, H, T, d_head)
         if self.cosine:
-            q, k = normalize(qkv[:2], dim=-1).unbind(0)  # q and k at RMS 1 over the head dimension
+            qk = normalize(qk, dim=-1)  # q and k at RMS 1 over the head dimension
+        (q, k), v = qk.unbind(0), v.squeeze(0)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v
         if self.normalize_output:
             x = normalize(x, dim=-1)  # averaging values shrinks their magnitude; restore RMS 1 per head
@@ -200,21 +208,37 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.modulation = make_modulation(cfg, self.ops, ("_msa", "_mlp"))
 
-    def residual(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """x + g * branch, or mp_sum(x, g * branch, t) = x (1-t)/c + branch (g t/c); g per sample (N, 1, D)."""
-        g = None if gate is None else self.gate_offset + gate
+    def coefficients(self, vectors: dict[str, torch.Tensor]) -> dict:
+        """Modulation and residual coefficients from projection vectors (N, L, width): any number L of blocks at once."""
+        return {"msa": modulation_coefficients(vectors, "_msa"), "mlp": modulation_coefficients(vectors, "_mlp"),
+                "gate_msa": self.branch_coefficient(vectors.get("gate_msa")),
+                "gate_mlp": self.branch_coefficient(vectors.get("gate_mlp"))}
+
+    def branch_coefficient(self, gate: torch.Tensor | None) -> torch.Tensor | None:
+        """What the residual multiplies the branch by: g = gate_offset + gate, times mp_sum's t / c with mp_residual."""
+        if gate is None:
+            return None
         if not self.mp_residual:
-            return x + branch if g is None else torch.addcmul(x, branch, g)
+            return gate if self.gate_offset == 0 else gate + self.gate_offset
+        t = self.balance
+        weight = t / math.sqrt((1 - t) ** 2 + t**2)
+        return torch.add(self.gate_offset * weight, gate, alpha=weight)  # (offset + gate) t / c
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, coefficient: torch.Tensor | None) -> torch.Tensor:
+        """x + g * branch, or mp_sum(x, g * branch, t) = x (1-t)/c + branch (g t/c); coefficient from branch_coefficient."""
+        if not self.mp_residual:
+            return x + branch if coefficient is None else torch.addcmul(x, branch, coefficient)
         t = self.balance
         c = math.sqrt((1 - t) ** 2 + t**2)
-        if g is None:
-            return mp_sum(x, branch, t)
-        return torch.addcmul(x * ((1 - t) / c), branch, g * (t / c))
+        if coefficient is None:
+            return torch.add(x * ((1 - t) / c), branch, alpha=t / c)
+        return torch.addcmul(x * ((1 - t) / c), branch, coefficient)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        m = self.modulation(c)  # per-sample vectors (N, 1, width)
-        x = self.residual(x, self.attn(modulate(self.norm1(x), m, "_msa")), m.get("gate_msa"))
-        x = self.residual(x, self.mlp(modulate(self.norm2(x), m, "_mlp")), m.get("gate_mlp"))
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, coefficients: dict | None = None) -> torch.Tensor:
+        """x (N, T, D) and the condition c (N, D), or instead its coefficients (MPDiT.conditioning, all blocks at once)."""
+        k = coefficients if coefficients is not None else self.coefficients(self.modulation(c))
+        x = self.residual(x, self.attn(apply_modulation(self.norm1(x), k["msa"])), k["gate_msa"])
+        x = self.residual(x, self.mlp(apply_modulation(self.norm2(x), k["mlp"])), k["gate_mlp"])
         return x  # (N, T, D)
 
 
@@ -228,8 +252,9 @@ class FinalLayer(nn.Module):
         self.modulation = make_modulation(cfg, ops, ("",))
         self.linear = make_linear(cfg, cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, zero_init=True)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.linear(modulate(self.norm_final(x), self.modulation(c)))  # (N, T, p*p*C_out)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, coefficients: tuple | None = None) -> torch.Tensor:
+        k = coefficients if coefficients is not None else modulation_coefficients(self.modulation(c))
+        return self.linear(apply_modulation(self.norm_final(x), k))  # (N, T, p*p*C_out)
 
 
 class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffusion", "dit", "mpdit"]):
@@ -253,6 +278,12 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.act = activation(cfg, nn.SiLU())
+        self.projections = [block.modulation for block in self.blocks] + [self.final_layer.modulation]
+        # the modulation projections last, so that each group keeps them side by side (one matmul for all)
+        last = [p.proj for p in self.projections]
+        layers = [m for m in self.modules() if isinstance(m, WeightNormalized) and m not in last]
+        self.weight_norm = WeightNormBank(layers + [m for m in last if isinstance(m, WeightNormalized)]) \
+            if layers else None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
@@ -287,6 +318,26 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         c = mp_sum(t_emb, y_emb, 0.5) if self.config.has("mp_embedding") else t_emb + y_emb
         return tokens, self.act(c)
 
+    def conditioning(self, c: torch.Tensor) -> tuple[list[dict], tuple]:
+        """Every block's and the final layer's coefficients from the condition c (N, D): one matmul for all
+        projections, and each coefficient computed for all blocks at once."""
+        projections, n, depth = self.projections, c.shape[0], len(self.blocks)
+        if self.config.has("weight_norm"):  # prepared side by side by the weight-norm bank
+            out = F.linear(c, self.weight_norm.span([p.proj for p in projections]))
+        else:
+            out = F.linear(c, torch.cat([p.proj.weight for p in projections]),
+                           torch.cat([p.proj.bias for p in projections]))  # (N, all widths)
+        final = projections[-1]
+        blocks, last = out.split([out.shape[1] - sum(final.widths), sum(final.widths)], dim=-1)
+        first = projections[0]
+        vectors = dict(zip(first.names, blocks.view(n, depth, -1).split(first.widths, dim=-1)))  # (N, L, width)
+        leaves, spec = tree_flatten(self.blocks[0].coefficients(vectors) if depth else {})
+        # (N, L, ...) -> L tensors (N, 1, ...): unbind's backward stacks the L gradients in one kernel
+        leaves = [v.unsqueeze(2).unbind(1) if torch.is_tensor(v) else [v] * depth for v in leaves]
+        per_block = [tree_unflatten([v[i] for v in leaves], spec) for i in range(depth)]
+        final_vectors = dict(zip(final.names, last.unsqueeze(1).split(final.widths, dim=-1)))
+        return per_block, modulation_coefficients(final_vectors)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W); token features ordered (p, q, c), tokens row-major."""
         c, p = self.config.out_channels, self.config.patch_size
@@ -296,10 +347,16 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, t, y)
+        if self.weight_norm is not None:  # every layer's normalized weight, computed together
+            self.weight_norm.prepare(autocast_dtype(x.device, self.pos_embed.dtype), self.training)
         tokens, c = self.embed(x, t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c))
+        block_coefficients, final_coefficients = self.conditioning(c)
+        for block, k in zip(self.blocks, block_coefficients):
+            tokens = block(tokens, None, k)
+        out = self.unpatchify(self.final_layer(tokens, None, final_coefficients))
+        if self.weight_norm is not None:
+            self.weight_norm.release()
+        return out
 
     def guided_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Classifier-free guidance: eps = eps_null + s (eps_y - eps_null) on all C noise channels.

@@ -51,31 +51,46 @@ def rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """[x1 | x2] -> [x2 | x1] over the last axis."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x2, x1], dim=-1)
+def modulation_coefficients(vectors: dict[str, torch.Tensor], suffix: str = "") -> tuple:
+    """Per-sample coefficients of the present ones of scale, shift, rotation (keys `op + suffix`), in this order.
 
-
-def modulate(x: torch.Tensor, vectors: dict[str, torch.Tensor], suffix: str = "") -> torch.Tensor:
-    """Apply, in this order, the present ones of scale, shift, rotation (keys `op + suffix`).
-
-    Computed as one affine map with per-sample coefficients, so x (N, T, D) is read at most twice:
-    rotate(x * a + b, theta) = x * (a C) + swap(x) * (swap(a) S) + rotate(b, theta),
-    with C = [cos | cos], S = [-sin | sin] (the rotation written as y C + swap(y) S).
+    Vectors (..., width) with any leading axes, so the coefficients of every block come from one call.
+    Returns ("affine", a, b): x * a + b, either may be None; or ("rotation", M, r) for a rotation after
+    scale and shift: channel pair (x1, x2) -> M (x1, x2) + r with the 2x2 matrices M = R(theta) diag(a1, a2),
+    stored (..., 2, 2, D/2) as [[a1 cos, -a2 sin], [a1 sin, a2 cos]], and r = rotate(b, theta) (or None).
     """
     s, b, theta = (vectors.get(op + suffix) for op in ("scale", "shift", "rotation"))
     a = None if s is None else 1 + s
     if theta is None:
-        if a is None:
-            return x if b is None else x + b
-        return x * a if b is None else torch.addcmul(b, x, a)
+        return "affine", a, b
     cos, sin = theta.cos(), theta.sin()
-    x_coef, swap_coef = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (N, 1, D)
-    if a is not None:
-        x_coef, swap_coef = a * x_coef, swap_halves(a) * swap_coef
-    out = x * x_coef if b is None else torch.addcmul(rotate(b, theta), x, x_coef)
-    return torch.addcmul(out, swap_halves(x), swap_coef)
+    if a is None:
+        m = torch.stack([cos, -sin, sin, cos], dim=-2)
+    else:
+        a1, a2 = a.chunk(2, dim=-1)
+        m = torch.stack([cos, -sin, sin, cos], dim=-2) * torch.stack([a1, a2, a1, a2], dim=-2)
+    return "rotation", m.unflatten(-2, (2, 2)), None if b is None else rotate(b, theta)
+
+
+def apply_modulation(x: torch.Tensor, coefficients: tuple) -> torch.Tensor:
+    """x (N, T, D) modulated by per-sample coefficients from modulation_coefficients ((N, 1, ...) each).
+
+    Scale and shift are one multiply-add; a rotation is one broadcast multiply of the channel pairs by
+    their 2x2 matrices and one sum over the pair: no copies of the channel halves.
+    """
+    kind, p, q = coefficients
+    if kind == "affine":
+        if p is None:
+            return x if q is None else x + q
+        return x * p if q is None else torch.addcmul(q, x, p)
+    n, t, d = x.shape
+    out = (x.view(n, t, 1, 2, d // 2) * p).sum(dim=-2).view(n, t, d)  # out_i = sum_j M_ij x_j per channel pair
+    return out if q is None else out + q
+
+
+def modulate(x: torch.Tensor, vectors: dict[str, torch.Tensor], suffix: str = "") -> torch.Tensor:
+    """Apply, in this order, the present ones of scale, shift, rotation (keys `op + suffix`) to x (N, T, D)."""
+    return apply_modulation(x, modulation_coefficients(vectors, suffix))
 
 
 class ConditionProjection(nn.Module):
@@ -93,20 +108,15 @@ class ConditionProjection(nn.Module):
         self.widths = [dim // 2 if name.startswith("rotation") else dim for name in self.names]
         out = sum(self.widths)
         if weight_norm:
-            self.proj = MPLinear(cond_dim, out, traditional=True, forced=forced)
-            self.gains = nn.Parameter(torch.zeros(len(self.names)))
+            self.proj = MPLinear(cond_dim, out, traditional=True, forced=forced, learned_gain=0.0,
+                                 gain_rows=self.widths)
         else:
             self.proj = nn.Linear(cond_dim, out)
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
-            self.gains = None
-        gain_index = [i for i, width in enumerate(self.widths) for _ in range(width)]  # output row -> projection
-        self.register_buffer("_gain_index", torch.tensor(gain_index), persistent=False)
 
     def forward(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.proj(c)  # (N, sum of widths)
-        if self.gains is not None:
-            out = out * self.gains[self._gain_index].to(out.dtype)
         return dict(zip(self.names, out.unsqueeze(1).split(self.widths, dim=-1)))
 
 
@@ -124,4 +134,4 @@ class RotationModulation(nn.Module):
         self.angles = ConditionProjection(cond_dim, dim, ["rotation"], weight_norm=weight_norm, forced=weight_norm)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return rotate(x, self.angles(c)["rotation"])
+        return modulate(x, self.angles(c))

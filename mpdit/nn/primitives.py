@@ -16,10 +16,30 @@ EPS = 1e-4
 
 def normalize(x: torch.Tensor, dim=None, eps: float = EPS) -> torch.Tensor:
     """x / (eps + ||x||_2 / sqrt(n)) over `dim` (default: all but the first), so each slice has RMS 1."""
-    dim = list(range(1, x.ndim)) if dim is None else dim
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))  # eps + ||x|| / sqrt(n)
-    return x / norm.to(x.dtype)
+    return Normalize.apply(x, list(range(1, x.ndim)) if dim is None else dim, eps)
+
+
+class Normalize(torch.autograd.Function):
+    """y = x / d, d = eps + a ||x|| (a = 1 / sqrt(n)), with the closed-form backward
+    dL/dx = (G - a y (G . y) d / ||x||) / d: a few kernels where autograd through the norm and the division
+    takes about twice as many."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim, eps: float) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+        alpha = math.sqrt(norm.numel() / x.numel())
+        denom = torch.add(eps, norm, alpha=alpha)  # eps + ||x|| / sqrt(n)
+        y = x / denom.to(x.dtype)
+        ctx.save_for_backward(y, denom, norm)
+        ctx.dim, ctx.alpha = dim, alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, denom, norm = ctx.saved_tensors
+        dot = (grad * y).sum(dim=ctx.dim, keepdim=True, dtype=torch.float32)  # G . y per slice
+        coef = (dot * denom / norm.clamp_min(1e-30)).to(grad.dtype)
+        return torch.addcmul(grad, y, coef, value=-ctx.alpha) / denom.to(grad.dtype), None, None
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -39,49 +59,107 @@ class MPSiLU(nn.Module):
         return mp_silu(x)
 
 
-class WeightNormLinear(torch.autograd.Function):
-    """y = x W^T with W = c w / n, n = eps + ||w_row|| / sqrt(fan_in) (normalize, per row), c = scale * gain.
+def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul runs in: autocast's where it is on for the device, else `dtype`."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
 
-    The backward uses the closed-form gradient of the normalization,
-    dL/dw = (c / n) (G - w (G . w)_row / (n ||w_row|| sqrt(fan_in))), dL/dgain = scale sum_rows (G . w)_row / n,
-    with G = dL/dW, and recomputes W from w instead of saving it: no weight-sized tensor is kept for backward.
+
+class GroupedWeightNorm(torch.autograd.Function):
+    """Traditional weight normalization (EDM2 eq. 66) of several weights with one fan-in, rows stacked (R, F).
+
+    W = w c / n per row, n = eps + ||w_row|| / sqrt(F), c = row_scale (R, 1). One pass for all the weights,
+    forward and backward; the backward is closed-form and restacks w instead of saving the stack:
+    dL/dw = (c / n) (G - w (G . w)_row / (n ||w_row|| sqrt(F))), dL/dc = (G . w)_row / n, with G = dL/dW.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor | None, scale: float) -> torch.Tensor:
-        fan_in = weight.shape[1]
-        rms = torch.linalg.vector_norm(weight, dim=1, keepdim=True) / math.sqrt(fan_in)  # (out, 1)
-        norm = rms + EPS
-        coef = scale / norm if gain is None else (scale * gain) / norm
-        ctx.save_for_backward(x, weight, rms, gain)
-        ctx.scale = scale
-        return F.linear(x, (weight * coef).to(x.dtype))
+    def forward(ctx, row_scale: torch.Tensor, dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
+        w = stack_rows(weights)  # (R, F)
+        rms = torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(w.shape[1])  # (R, 1)
+        ctx.save_for_backward(row_scale, rms, *weights)
+        return (w * (row_scale / (rms + EPS))).to(dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight, rms, gain = ctx.saved_tensors
-        fan_in = weight.shape[1]
+    def backward(ctx, grad: torch.Tensor):
+        row_scale, rms, *weights = ctx.saved_tensors
+        w = stack_rows(weights)
         norm = rms + EPS
-        coef = ctx.scale / norm if gain is None else (ctx.scale * gain) / norm
-        grad_x = grad_out @ (weight * coef).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_w_eff = (grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
-        grad_w_eff = grad_w_eff.to(weight.dtype)  # G: (out, in)
-        dot = (grad_w_eff * weight).sum(dim=1, keepdim=True)  # (G . w) per row
-        grad_weight = coef * (grad_w_eff - weight * (dot / (norm * rms.clamp_min(1e-30) * fan_in)))
-        grad_gain = (ctx.scale * dot / norm).sum().reshape(gain.shape) if gain is not None else None
-        return grad_x, grad_weight, grad_gain, None
+        grad = grad.to(w.dtype)
+        dot = (grad * w).sum(dim=1, keepdim=True)  # (G . w) per row
+        grad_w = (row_scale / norm) * (grad - w * (dot / (norm * rms.clamp_min(1e-30) * w.shape[1])))
+        grad_scale = dot / norm if ctx.needs_input_grad[0] else None
+        rows = grad_w.split([v.shape[0] for v in weights])
+        return (grad_scale, None, *(g.view_as(v) for g, v in zip(rows, weights)))
 
 
-class MPLinear(nn.Module):
+def stack_rows(weights) -> torch.Tensor:
+    """Weights (out_i, ...) with one fan-in, as one (sum of out_i, fan_in) matrix (a view for a single weight)."""
+    return weights[0].flatten(1) if len(weights) == 1 else torch.cat([w.flatten(1) for w in weights])
+
+
+@torch.no_grad()
+def force_normalize_(weights, scale: float) -> None:
+    """Forced weight normalization (EDM2 eq. 67) of several weights with one fan-in: w <- normalize(w) * scale."""
+    rows = normalize(stack_rows(weights), dim=1)
+    if scale != 1:
+        rows = rows * scale
+    torch._foreach_copy_([w.flatten(1) for w in weights], list(rows.split([w.shape[0] for w in weights])))
+
+
+class WeightNormalized(nn.Module):
+    """A weight whose rows are normalized (EDM2 sec. 2.3): the base of MPLinear and MPEmbedding.
+
+    traditional: the forward uses normalize(w) * row_scale      (EDM2 eq. 66, gradients orthogonal to w)
+    forced:      in training, before use, w <- normalize(w)      (EDM2 eq. 67, stops weight growth)
+    row_scale = scale * gain: `scale` a constant, gain a learned scalar, or one learned scalar per block of
+    rows (gain_rows). A model computes the normalized weights of all its layers together (WeightNormBank)
+    and hands each layer its own in `current_weight`; a layer used alone computes its own.
+    """
+
+    def init_weight(self, weight: torch.Tensor, *, traditional: bool, forced: bool, scale: float,
+                    learned_gain: float | None = None, gain_rows: list[int] | None = None) -> None:
+        self.traditional, self.forced, self.scale = traditional, forced, scale
+        self.fan_in = weight[0].numel()
+        self.forced_scale = 1.0 if traditional else 1.0 / math.sqrt(self.fan_in)  # stored rows: RMS 1, or norm 1
+        self.weight = nn.Parameter(weight if traditional else normalize(weight) * self.forced_scale)
+        self.gain = None
+        if learned_gain is not None:
+            shape = () if gain_rows is None else (len(gain_rows),)
+            self.gain = nn.Parameter(torch.full(shape, float(learned_gain)))
+        rows = gain_rows or [weight.shape[0]]
+        row_to_gain = torch.arange(len(rows)).repeat_interleave(torch.tensor(rows), output_size=sum(rows))
+        self.register_buffer("gain_index", row_to_gain, persistent=False)  # (out,): row -> entry of gain
+        self.current_weight = None
+
+    def row_gain(self) -> torch.Tensor | None:
+        """The learned gain of each row, (out,), or None without a learned gain."""
+        if self.gain is None:
+            return None
+        return self.gain.reshape(-1)[self.gain_index]
+
+    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this layer's forward multiplies by: normalize(w) * row_scale (traditional), else w * row_scale."""
+        if self.current_weight is not None:
+            return self.current_weight
+        if self.training and self.forced:
+            force_normalize_([self.weight], self.forced_scale)
+        gain = self.row_gain()
+        row_scale = torch.full((self.weight.shape[0], 1), self.scale, device=self.weight.device)
+        if gain is not None:
+            row_scale = row_scale * gain[:, None]
+        if self.traditional:
+            return GroupedWeightNorm.apply(row_scale, dtype, self.weight).view_as(self.weight)
+        return (self.weight * row_scale.view(-1, *[1] * (self.weight.ndim - 1))).to(dtype)
+
+
+class MPLinear(WeightNormalized):
     """Linear map, or patchify convolution (kernel = stride = patch_size), with EDM2 weight normalization.
 
-    traditional: the forward uses normalize(w) * gain / sqrt(fan_in)   (EDM2 eq. 66, gradients orthogonal to w)
-    forced:      in training, before use, w <- normalize(w)             (EDM2 eq. 67, stops weight growth)
-    Without `traditional` the stored weight is used as is (rows of norm 1 when forced), with an optional bias.
-    learned_gain: None for a fixed gain of 1, else the initial value of a learned scalar gain
-    (0 gives EDM2's zero-init layer: output 0 at init, weights still random).
-    input_gain: a constant the input is multiplied by, folded into the weight (e.g. mp_silu's 1 / 0.596).
-    In eval mode under no_grad the effective weight is computed once and reused until a parameter changes.
+    Traditional: normalize(w) * gain / sqrt(fan_in); without it the stored weight is used as is (rows of
+    norm 1 when forced), with an optional bias. learned_gain: None for a fixed gain of 1, else the initial
+    value of a learned scalar gain (0 gives EDM2's zero-init layer: output 0 at init, weights still random);
+    gain_rows: one learned gain per block of that many output rows. input_gain: a constant the input is
+    multiplied by, folded into the weight (e.g. mp_silu's 1 / 0.596).
     """
 
     def __init__(
@@ -93,52 +171,22 @@ class MPLinear(nn.Module):
         traditional: bool = True,
         forced: bool = True,
         learned_gain: float | None = None,
+        gain_rows: list[int] | None = None,
         bias: bool = False,
         input_gain: float = 1.0,
     ):
         super().__init__()
         kernel = () if patch_size is None else (patch_size, patch_size)
-        self.patch_size, self.traditional, self.forced, self.input_gain = patch_size, traditional, forced, input_gain
-        self.fan_in = in_features * math.prod(kernel)
-        weight = torch.randn(out_features, in_features, *kernel)
-        self.weight = nn.Parameter(weight if traditional else normalize(weight) / math.sqrt(self.fan_in))
-        self.gain = None if learned_gain is None else nn.Parameter(torch.tensor(float(learned_gain)))
+        self.patch_size = patch_size
+        fan_in = in_features * math.prod(kernel)
+        self.init_weight(torch.randn(out_features, in_features, *kernel), traditional=traditional, forced=forced,
+                         scale=input_gain / math.sqrt(fan_in) if traditional else input_gain,
+                         learned_gain=learned_gain, gain_rows=gain_rows)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._cache = None
-
-    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight the forward multiplies by: (out, in) or (out, in, p, p)."""
-        if self.traditional:
-            w = normalize(self.weight) * (self.input_gain / math.sqrt(self.fan_in))
-        else:
-            w = self.weight if self.input_gain == 1 else self.weight * self.input_gain
-        if self.gain is not None:
-            w = w * self.gain
-        return w.to(dtype)
-
-    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The eval-mode effective weight, recomputed when a parameter is written in place (its version counter)
-        or replaced (a new tensor or storage: load_state_dict(assign=True), param.data = ..., functional_call)."""
-        key = (dtype, self.weight.device, *((id(t), t.data_ptr(), t._version) for t in (self.weight, self.gain)
-                                            if t is not None))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.effective_weight(dtype))
-        return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.forced:
-            with torch.no_grad():  # forced weight normalization
-                scale = 1.0 if self.traditional else 1.0 / math.sqrt(self.fan_in)
-                self.weight.copy_(normalize(self.weight) * scale)
-        if not (self.training or torch.is_grad_enabled()):
-            w = self._cached_weight(x.dtype)
-        elif self.traditional and self.patch_size is None and torch.is_grad_enabled():
-            self._cache = None
-            return WeightNormLinear.apply(x, self.weight, self.gain, self.input_gain / math.sqrt(self.fan_in))
-        else:
-            self._cache = None
-            w = self.effective_weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        w = self.effective_weight(autocast_dtype(x.device, x.dtype))
+        bias = None if self.bias is None else self.bias.to(w.dtype)
         if self.patch_size is None:
             return F.linear(x, w, bias)
         return F.conv2d(x, w, bias, stride=self.patch_size)
@@ -149,18 +197,93 @@ class MPLinear(nn.Module):
                 f"forced={self.forced}, learned_gain={self.gain is not None}, bias={self.bias is not None}")
 
 
-class MPEmbedding(nn.Module):
+class MPEmbedding(WeightNormalized):
     """Embedding table whose rows are forced- and traditionally weight-normalized to RMS 1."""
 
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_embeddings, dim))
+        self.init_weight(torch.randn(num_embeddings, dim), traditional=True, forced=True, scale=1.0)
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(self.weight))  # forced weight normalization
-        return F.embedding(index, normalize(self.weight))  # (N,) -> (N, D), rows of RMS 1
+        return F.embedding(index, self.effective_weight(torch.float32))  # (N,) -> (N, D), rows of RMS 1
+
+
+class WeightNormBank(nn.Module):
+    """All weight-normalized layers of a model, grouped by fan-in, so that forced normalization and the
+    normalized weights of a forward cost a few kernels per group instead of several per layer.
+
+    prepare() (at the start of the model's forward): in training, forced normalization of every forced
+    weight; then each layer's normalized weight, handed to it in `current_weight` (views of one tensor per
+    group, in the autocast dtype). In eval mode under no_grad the weights are reused until a parameter
+    changes (in place, or replaced). release() (at the end) drops the handed-out weights.
+    """
+
+    def __init__(self, layers: list[WeightNormalized]):
+        super().__init__()
+        self.layers = tuple(layers)
+        forced, traditional = {}, {}
+        for layer in self.layers:
+            if layer.forced:
+                forced.setdefault((layer.fan_in, layer.forced_scale), []).append(layer)
+            if layer.traditional:
+                traditional.setdefault(layer.fan_in, []).append(layer)
+        self.forced_groups = tuple((scale, tuple(group)) for (_, scale), group in forced.items())
+        self.groups = tuple(tuple(group) for group in traditional.values())
+        for i, group in enumerate(self.groups):  # per row: the constant scale, and where its learned gain is
+            num_gains = sum(layer.gain.numel() for layer in group if layer.gain is not None)
+            index, offset = [], 0  # into [all learned gains of the group, then a constant 1]
+            for layer in group:
+                if layer.gain is None:
+                    index.append(torch.full((layer.weight.shape[0],), num_gains))
+                else:
+                    index.append(layer.gain_index + offset)
+                    offset += layer.gain.numel()
+            scale = torch.cat([torch.full((layer.weight.shape[0], 1), layer.scale) for layer in group])
+            self.register_buffer(f"row_scale{i}", scale, persistent=False)
+            self.register_buffer(f"gain_index{i}", torch.cat(index)[:, None], persistent=False)
+        self.register_buffer("one", torch.ones(1), persistent=False)
+        self._cache, self.stacked = None, None
+
+    def row_scale(self, i: int) -> torch.Tensor:
+        """(R, 1): the constant scale times the learned gain of each row of group i."""
+        scale = getattr(self, f"row_scale{i}")
+        gains = [layer.gain.reshape(-1) for layer in self.groups[i] if layer.gain is not None]
+        if not gains:
+            return scale
+        return scale * torch.cat([*gains, self.one])[getattr(self, f"gain_index{i}")]
+
+    def _version(self, dtype: torch.dtype) -> tuple:
+        tensors = [p for layer in self.layers for p in (layer.weight, layer.gain) if p is not None]
+        return (dtype, *((id(t), t.data_ptr(), t._version) for t in tensors))
+
+    def prepare(self, dtype: torch.dtype, training: bool) -> None:
+        if training:
+            for scale, group in self.forced_groups:
+                force_normalize_([layer.weight for layer in group], scale)
+        cacheable = not (training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        if cacheable and self._cache is not None and self._cache[0] == self._version(dtype):
+            self.stacked = self._cache[1]
+        else:
+            self.stacked = [GroupedWeightNorm.apply(self.row_scale(i), dtype, *(layer.weight for layer in group))
+                            for i, group in enumerate(self.groups)]  # (R, F) per group
+            self._cache = (self._version(dtype), self.stacked) if cacheable else None
+        for group, stacked in zip(self.groups, self.stacked):
+            for layer, rows in zip(group, stacked.split([layer.weight.shape[0] for layer in group])):
+                layer.current_weight = rows.view_as(layer.weight)
+
+    def span(self, layers: list[WeightNormalized]) -> torch.Tensor:
+        """The prepared weights of consecutive layers of one group as one (sum of out, fan_in) matrix (a view)."""
+        group = next(i for i, g in enumerate(self.groups) if layers[0] in g)
+        first = self.groups[group].index(layers[0])
+        if tuple(self.groups[group][first:first + len(layers)]) != tuple(layers):
+            raise ValueError("span() needs consecutive layers of one fan-in group")
+        start = sum(layer.weight.shape[0] for layer in self.groups[group][:first])
+        return self.stacked[group][start:start + sum(layer.weight.shape[0] for layer in layers)]
+
+    def release(self) -> None:
+        self.stacked = None
+        for layer in self.layers:
+            layer.current_weight = None
 
 
 class MPFourier(nn.Module):

@@ -101,6 +101,11 @@ def family_optimizer(model_cfg: DiTConfig) -> dict:
     return dict(MP_OPTIMIZER if model_cfg.has("weight_norm") else DIT_OPTIMIZER)
 
 
+def make_optimizer(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW, fused: one multi-tensor kernel per step for all parameters of a device and dtype."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
 def default_image_size(native: int, patch: int) -> int:
     """The data's side, padded up to a multiple of the patch size."""
     return -(-native // patch) * patch
@@ -197,9 +202,8 @@ class Trainer:
         self.check_data_fits_model()
         self.model = MPDiT(model_cfg).to(self.dist.device)
         self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
-        # fused: its kernel reads optimizer.found_inf, so the divergence guard skips a step without a host sync
-        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=cfg.betas, fused=True)
+        # fused (make_optimizer): its kernel reads optimizer.found_inf, so the divergence guard skips without a sync
+        self.optimizer = make_optimizer(weight_decay_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas)
         self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.t_ref)
         self.ema = ClassicEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
@@ -354,11 +358,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, record: bool) -> dict:
-        """One optimizer step on this rank's share of the global batch; returns scalar stats."""
+        """One optimizer step on this rank's share of the global batch; returns scalar stats as 0-d tensors
+        (read them only when logging: reading one waits for the device)."""
         x0, y, t, noise = global_batch(self.data, self.cfg, self.model_cfg, self.step)
         share = slice(self.dist.rank * len(x0) // self.dist.world_size,
                       (self.dist.rank + 1) * len(x0) // self.dist.world_size)
-        x0, y, t, noise = (v[share].to(self.dist.device) for v in (x0, y, t, noise))
+        cuda = self.dist.device.type == "cuda"  # pinned + non_blocking: the copy does not wait for the device
+        x0, y, t, noise = (v[share].pin_memory().to(self.dist.device, non_blocking=True) if cuda
+                           else v[share].to(self.dist.device) for v in (x0, y, t, noise))
         set_lr(self.optimizer, self.schedule(self.step))
         self.model.train()
         with self.telemetry.recording(record), self.autocast():
@@ -367,8 +374,10 @@ class Trainer:
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:  # the norm alone: no pass over the gradients to scale them by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         stats = {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
         if self.dist.world_size > 1:  # average the logged figures over ranks (and agree on the guard's flag)
             packed = torch.stack(list(stats.values()))
@@ -381,7 +390,7 @@ class Trainer:
             self.ema.update(self.model)
         if self.power_ema:
             self.power_ema.update(self.model)
-        return {k: float(v) for k, v in stats.items()} | {"grad_norm": float(grad_norm)}
+        return stats | {"grad_norm": grad_norm.detach()}
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -447,8 +456,9 @@ class Trainer:
                 logged = due(cfg.log_every) or record or self.step == cfg.steps
                 synchronised = logged or snapshot or due(cfg.ckpt_every)  # steps that read the device anyway
                 if synchronised:
-                    streak, stats["skipped_steps"] = self.guard.counts()
+                    streak, skipped = self.guard.counts()
                 if main and logged:
+                    stats = {k: float(v) for k, v in stats.items()} | {"skipped_steps": skipped}
                     now = time.perf_counter()
                     rate = (self.step - last_step) * cfg.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
@@ -461,7 +471,7 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.0f}")
                 if synchronised:
-                    self.check_divergence(streak, stats["skipped_steps"])
+                    self.check_divergence(streak, skipped)
                 if snapshot and main:
                     require_finite({f"sigma-{s:.3f}.{k}": v for s, shadow in zip(self.power_ema.sigma_rels,
                                                                                 self.power_ema.shadows)

@@ -1,0 +1,163 @@
+"""Speed machinery: grouped weight normalization equals the per-layer formulas, kernel counts, compile."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch._dynamo
+
+from mpdit.cli.bench import Bench
+from mpdit.cli.main import main
+from mpdit.evaluation.kernels import count_kernels
+from mpdit.model import DiTConfig, build_model
+from mpdit.nn.primitives import EPS, GroupedWeightNorm, MPLinear, WeightNormBank, force_normalize_, normalize
+
+
+def reference_weight(w: torch.Tensor, scale: float, gain: torch.Tensor) -> torch.Tensor:
+    """EDM2 eq. 66 written plainly, differentiated by autograd: normalize(w) * scale * gain per row."""
+    return normalize(w) * scale * gain[:, None]
+
+
+def test_grouped_weight_norm_equals_autograd_through_the_formula():
+    torch.manual_seed(0)
+    weights = [torch.randn(rows, 24, requires_grad=True) for rows in (5, 3, 8)]
+    gains = [torch.randn(rows, requires_grad=True) for rows in (5, 3, 8)]
+    scale = 0.7 / math.sqrt(24)
+    grad = torch.randn(16, 24)
+
+    expected = torch.cat([reference_weight(w, scale, g) for w, g in zip(weights, gains)])
+    expected_grads = torch.autograd.grad(expected, weights + gains, grad)
+    out = GroupedWeightNorm.apply(scale * torch.cat(gains)[:, None], torch.float32, *weights)
+    grads = torch.autograd.grad(out, weights + gains, grad)
+    assert torch.allclose(out, expected, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # the gradient of each row is orthogonal to the row (EDM2's reason for the traditional normalization),
+    # up to eps: cos(g, w) = O(eps / rms)
+    for w, g in zip(weights, grads[:3]):
+        assert (torch.cosine_similarity(g, w, dim=1).abs() < 10 * EPS).all()
+
+
+@pytest.mark.parametrize("dim", [-1, (1, 2)])
+def test_normalize_backward_equals_autograd_through_the_formula(dim):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    grad = torch.randn(3, 4, 8)
+    n = 8 if dim == -1 else 32
+    plain = x / (EPS + torch.linalg.vector_norm(x, dim=dim, keepdim=True) / math.sqrt(n))
+    out = normalize(x, dim=dim)
+    assert torch.allclose(out, plain, atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(plain, x, grad)[0], atol=1e-6)
+
+
+def test_grouped_forced_normalization_equals_per_layer_normalize():
+    torch.manual_seed(0)
+    weights = [torch.randn(rows, 3, 2, 2) * 5 for rows in (4, 6)]
+    expected = [normalize(w) / math.sqrt(12) for w in weights]
+    force_normalize_(weights, 1 / math.sqrt(12))
+    assert all(torch.allclose(w, e, atol=1e-7) for w, e in zip(weights, expected))
+
+
+def test_model_forward_equals_each_layer_alone():
+    """The bank computes every layer's weight together; each layer computing its own gives the same network."""
+    torch.manual_seed(0)
+    model = build_model("DiT-Nano/2", input_size=8, in_channels=2, num_classes=5, mp="all",
+                        conditioning="scale-rotation-gate")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 2, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 5])
+    model.eval()  # with gradients, but no forced normalization between the two computations
+    out = model(x, t, y)
+    tokens, c = model.embed(x, t, y)  # outside forward: no prepared weights, every layer computes its own
+    for block in model.blocks:
+        tokens = block(tokens, c)
+    alone = model.unpatchify(model.final_layer(tokens, c))
+    assert torch.allclose(out, alone, atol=1e-5)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_training_forward_applies_forced_normalization_to_every_weight_once():
+    torch.manual_seed(0)
+    layers = [MPLinear(16, 8), MPLinear(16, 4, learned_gain=0.5), MPLinear(32, 8)]
+    bank = WeightNormBank(layers)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(3.0)
+    before = [layer.weight.clone() for layer in layers]
+    bank.prepare(torch.float32, training=True)
+    for layer, w in zip(layers, before):
+        assert torch.allclose(layer.weight, normalize(w), atol=1e-7)
+        rms = layer.weight.pow(2).mean(dim=1).sqrt()
+        expected = normalize(layer.weight) / math.sqrt(layer.fan_in) * (1 if layer.gain is None else layer.gain)
+        assert torch.allclose(layer.current_weight, expected, atol=1e-7) and (rms - 1).abs().max() < 1e-3
+    bank.release()
+    assert all(layer.current_weight is None for layer in layers)
+
+
+def test_eval_cache_follows_weights_written_in_place_or_replaced():
+    model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp="all",
+                        conditioning="scale-shift-gate").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    with torch.no_grad():
+        first = model(x, t, y)
+        assert torch.equal(model(x, t, y), first)  # cached weights, same output
+        model.final_layer.linear.gain.mul_(2)  # in place
+        second = model(x, t, y)
+        assert not torch.allclose(second, first)
+        model.final_layer.linear.gain.data = model.final_layer.linear.gain.data / 2  # replaced
+        assert torch.allclose(model(x, t, y), first, atol=1e-6)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["final_layer.linear.gain"] = state["final_layer.linear.gain"] * 2
+        model.load_state_dict(state, assign=True)  # new parameter objects
+        assert torch.allclose(model(x, t, y), second, atol=1e-6)
+
+
+def test_kernel_counts_are_deterministic_and_within_the_targets():
+    """DiT-S/2 on 16x16x4 latents (issue 10's setting): the MP training step launches at most 1.5x the
+    baseline's kernels and scale-shift-gate no more than scale-rotation-gate. Sampling misses its 1.2x
+    target (docs/performance.md); the bound here guards against regressions."""
+    counts = {}
+    for mp, conditioning in [("none", "adaln-zero"), ("all", "scale-shift-gate"), ("all", "scale-rotation-gate")]:
+        config = DiTConfig.from_preset("DiT-S/2", mp=mp, conditioning=conditioning, input_size=16)
+        bench = Bench(config, 2, torch.device("cpu"), "fp32", compile_model=False)
+        counts[conditioning] = bench.kernels()
+        assert bench.kernels() == counts[conditioning]  # deterministic
+    (base_train, base_sample), ssg, srg = counts.values()
+    assert srg[0] <= 1.5 * base_train and ssg[0] <= srg[0]
+    assert srg[1] <= 2.0 * base_sample and ssg[1] <= srg[1]
+
+
+def test_bench_command_reports_kernel_counts_and_ratios(capsys):
+    assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
+                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["conditioning"] for r in rows] == ["adaln-zero", "scale-shift-gate", "scale-rotation-gate"]
+    for row in rows:
+        assert row["train_kernels"] > row["sample_kernels"] > 0
+        assert row["train_kernels_ratio"] == round(row["train_kernels"] / rows[0]["train_kernels"], 3)
+    assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
+                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops"]) == 0
+    assert "train kernels" in capsys.readouterr().out
+
+
+def test_counter_sees_backward_and_skips_views():
+    x = torch.randn(4, 4, requires_grad=True)
+    counter = count_kernels(lambda: (x.t().reshape(16).view(4, 4) * 2).sum().backward())
+    assert counter.counts["mul"] >= 2  # forward and backward
+    assert not {"t", "view", "transpose"} & set(counter.counts)
+
+
+@pytest.mark.parametrize("conditioning,mp", [("adaln-zero", "none"), ("scale-shift-gate", "all"),
+                                             ("scale-rotation-gate", "all")])
+def test_compile_traces_train_and_eval_without_graph_breaks(conditioning, mp):
+    model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp=mp, conditioning=conditioning)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    assert torch._dynamo.explain(model.train())(x, t, y).graph_break_count == 0
+    with torch.no_grad():
+        assert torch._dynamo.explain(model.eval())(x, t, y).graph_break_count == 0
