@@ -575,3 +575,17 @@ def test_idx_labels_with_unused_classes_and_empty_class_folders(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "folder" / name / "0.png")
     with pytest.raises(MPDiTError, match="class folder .*empty has no readable images"):
         load_dataset(f"folder:{tmp_path / 'folder'}", "train")
+
+
+def test_export_command_writes_a_loadable_folder_and_refuses_a_checkpoint(small_run, tmp_path, capsys):
+    from mpdit.model.dit import MPDiT
+    from mpdit.model.hub import read_info
+    assert main_raise(["export", "--ckpt", str(small_run), "--out", str(tmp_path / "shared")]) == 0
+    assert json.loads(capsys.readouterr().out)["exported"] == str(tmp_path / "shared")
+    model = MPDiT.from_pretrained(tmp_path / "shared")
+    expected = ckpt.load_safetensors(ckpt.latest_checkpoint(small_run) / "ema-sigma-0.100.safetensors")
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)  # auto: the largest sigma_rel
+    assert read_info(tmp_path / "shared")["train_config"]["steps"] == 2
+    assert (tmp_path / "shared" / "README.md").is_file()
+    with pytest.raises(MPDiTError, match="is a training checkpoint or run"):
+        main_raise(["export", "--ckpt", str(small_run), "--out", str(ckpt.latest_checkpoint(small_run))])

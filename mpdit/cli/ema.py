@@ -10,10 +10,8 @@ import argparse
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
-from mpdit.training.checkpoint import (CHECKPOINTS, CONFIG_FILE, MODEL_FILE, atomic_write_bytes, checkpoint_step,
-                                       save_safetensors)
+from mpdit.training.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_bytes, is_training_folder, save_safetensors
 from mpdit.training.ema import SIGMA_REL_MAX, SNAPSHOTS, posthoc_plan, reconstruct
-from mpdit.training.train import STATE_FILE
 
 
 def register(subparsers) -> None:
@@ -37,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise MPDiTError(f"no model config at {config}; --run must be a training run directory (it writes {CONFIG_FILE})")
     if out_dir.resolve() == run_dir.resolve():
         raise MPDiTError("--out must be a different directory from --run")
-    if checkpoint_step(out_dir) is not None or (out_dir / STATE_FILE).exists() or (out_dir / CHECKPOINTS).is_dir():
+    if is_training_folder(out_dir):
         raise MPDiTError(f"--out {out_dir} is a training checkpoint or run: writing EMA weights there would replace its "
                          "raw weights (and a --resume would continue from them); choose a new folder")
     out_step, plan, fit_error = posthoc_plan(run_dir, args.sigma_rel, args.step)

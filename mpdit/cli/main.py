@@ -11,7 +11,8 @@ import sys
 
 from mpdit.errors import MPDiTError
 
-SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "ablate", "plot", "params", "bench", "classifier"]
+SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
+               "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

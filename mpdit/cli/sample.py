@@ -10,44 +10,7 @@ from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_grid, sav
 from mpdit.diffusion.sampling import SAMPLERS
 from mpdit.errors import MPDiTError
 from mpdit.model.convert import load_official_checkpoint
-from mpdit.model.dit import MPDiT, load_model
-from mpdit.training.checkpoint import MODEL_FILE, resolve_checkpoint
-from mpdit.training.train import TRAIN_CONFIG
-
-
-def weight_files(checkpoint: Path) -> dict[str, str]:
-    """Weight choices present in a checkpoint: raw, ema (classic), sigma-S.SSS (power-function EMA)."""
-    files = {"raw": MODEL_FILE}
-    if (checkpoint / "ema.safetensors").is_file():
-        files["ema"] = "ema.safetensors"
-    for path in sorted(checkpoint.glob("ema-sigma-*.safetensors")):
-        files[path.stem.removeprefix("ema-")] = path.name
-    return files
-
-
-def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str = "cpu") -> tuple[MPDiT, Path, str]:
-    """The model of a run, checkpoints or step folder, with the chosen weights.
-
-    weights 'auto' takes the power-function EMA with the largest sigma_rel if there is one, else the raw weights.
-    """
-    checkpoint = resolve_checkpoint(path)
-    files = weight_files(checkpoint)
-    if weights == "auto":
-        power = [name for name in files if name.startswith("sigma-")]
-        weights = power[-1] if power else "raw"
-    if weights not in files:
-        raise MPDiTError(f"checkpoint {checkpoint} has no '{weights}' weights: choose one of {', '.join(files)}")
-    return load_model(checkpoint, files[weights], device), checkpoint, weights
-
-
-def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
-    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
-    if given:
-        return given
-    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (folder / TRAIN_CONFIG).is_file():
-            return json.loads((folder / TRAIN_CONFIG).read_text())["data"]
-    return "mnist"
+from mpdit.training.checkpoint import load_checkpoint_model, run_data_spec
 
 
 def load_sampling_model(args, device: str):

@@ -11,6 +11,7 @@ Every write goes to a temporary sibling (``NAME.tmp-<pid>``) that is fsynced and
 final name; leftovers named ``*.tmp-*`` are ignored by the listing functions.
 """
 
+import json
 import os
 import random
 import re
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from mpdit.errors import MPDiTError
+from mpdit.model.dit import MPDiT, load_model
 
 # The file helpers live on the ground floor (mpdit/files.py); imported here for the callers of this module.
 from mpdit.files import (  # noqa: F401
@@ -37,6 +39,8 @@ from mpdit.files import (  # noqa: F401
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TRAIN_CONFIG = "train_config.json"  # the training options of a run (mpdit.training.train.TrainConfig)
+STATE_FILE = "training_state.pt"  # a checkpoint's optimizer and RNG state and step
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
@@ -62,6 +66,13 @@ def _list_step_dirs(folder: Path) -> list[tuple[int, Path]]:
         return []
     found = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return sorted(found)
+
+
+def is_training_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training run or one of its checkpoints (a step folder, a folder holding training
+    state): writing exported or rebuilt weights there would replace the weights a --resume continues from."""
+    path = Path(path)
+    return checkpoint_step(path) is not None or (path / STATE_FILE).exists() or (path / CHECKPOINTS).is_dir()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -97,6 +108,44 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p)
     return doomed
+
+
+# ----------------------------------------------------------------------------- loading a checkpoint's model
+
+
+def weight_files(checkpoint: Path) -> dict[str, str]:
+    """Weight choices present in a checkpoint: raw, ema (classic), sigma-S.SSS (power-function EMA)."""
+    files = {"raw": MODEL_FILE}
+    if (checkpoint / "ema.safetensors").is_file():
+        files["ema"] = "ema.safetensors"
+    for path in sorted(checkpoint.glob("ema-sigma-*.safetensors")):
+        files[path.stem.removeprefix("ema-")] = path.name
+    return files
+
+
+def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str = "cpu") -> tuple[MPDiT, Path, str]:
+    """The model of a run, checkpoints or step folder, with the chosen weights.
+
+    weights 'auto' takes the power-function EMA with the largest sigma_rel if there is one, else the raw weights.
+    """
+    checkpoint = resolve_checkpoint(path)
+    files = weight_files(checkpoint)
+    if weights == "auto":
+        power = [name for name in files if name.startswith("sigma-")]
+        weights = power[-1] if power else "raw"
+    if weights not in files:
+        raise MPDiTError(f"checkpoint {checkpoint} has no '{weights}' weights: choose one of {', '.join(files)}")
+    return load_model(checkpoint, files[weights], device), checkpoint, weights
+
+
+def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
+    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
+    if given:
+        return given
+    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (folder / TRAIN_CONFIG).is_file():
+            return json.loads((folder / TRAIN_CONFIG).read_text())["data"]
+    return "mnist"
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -30,11 +30,11 @@ from mpdit.training.rundir import RunLock, remove_leftovers, trim_log
 from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.telemetry import Telemetry
 
-TRAIN_CONFIG = "train_config.json"
+TRAIN_CONFIG = ckpt.TRAIN_CONFIG
 # Optimizer settings per family (DESIGN.md section 4): DiT's, or the paper's for weight-normalized MP models.
 DIT_OPTIMIZER = dict(lr=1e-4, schedule="constant", betas=(0.9, 0.999), warmup_steps=0)
 MP_OPTIMIZER = dict(lr=1e-2, schedule="edm2", betas=(0.9, 0.99))
-STATE_FILE = "training_state.pt"
+STATE_FILE = ckpt.STATE_FILE
 
 
 @dataclass
