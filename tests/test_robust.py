@@ -589,3 +589,43 @@ def test_export_command_writes_a_loadable_folder_and_refuses_a_checkpoint(small_
     assert (tmp_path / "shared" / "README.md").is_file()
     with pytest.raises(MPDiTError, match="is a training checkpoint or run"):
         main_raise(["export", "--ckpt", str(small_run), "--out", str(ckpt.latest_checkpoint(small_run))])
+
+
+# The `mpdit` command with rank 1's loss made NaN at step 3 (its 4th step): a fault on one process only.
+ONE_RANK_NAN = """import os, sys
+import mpdit.training.train as train
+real_step = train.Trainer.train_step
+def train_step(self, record):
+    if self.step == 3 and os.environ.get("RANK") == "1":
+        real_losses = self.diffusion.training_losses
+        self.diffusion.training_losses = lambda *a, **k: {**(out := real_losses(*a, **k)), "loss": out["loss"] * float("nan")}
+        try:
+            return real_step(self, record)
+        finally:
+            self.diffusion.training_losses = real_losses
+    return real_step(self, record)
+train.Trainer.train_step = train_step
+from mpdit.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_step_one_rank_found_bad(tmp_path, tiny_idx):
+    """2 processes (gloo): a NaN loss on rank 1 alone makes both ranks skip the step (its gradients and the loss
+    are all-reduced before the guard looks), so they stay in sync (checked at every checkpoint) and finish."""
+    script = tmp_path / "one_rank_nan.py"
+    script.write_text(ONE_RANK_NAN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "run"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          str(script), "train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16",
+                          "--steps", "6", "--ckpt-every", "3", "--log-every", "1", "--no-progress", "--device", "cpu",
+                          "--out", str(run)], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "Warning" not in l)[-3000:]
+    log = strict_log(run)
+    assert [e["skipped_steps"] for e in log] == [0, 0, 0, 1, 1, 1] and log[3]["loss"] is None
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [3, 6]
