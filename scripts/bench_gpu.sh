@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# GPU figures for docs/performance.md: training and sampling step of the main variants against the
-# DiT baseline, DiT-S/2 and DiT-B/2 on 32x32x4 latents, bf16 and fp32, eager and compiled.
-# Usage: bash scripts/bench_gpu.sh [OUT_DIR]   (one GPU; a few minutes)
+# GPU figures for docs/performance.md, in one go (about 5 minutes on one H100/H200): training and sampling
+# step time and peak memory of the main variants against the DiT baseline (mpdit bench), eager and compiled,
+# then scripts/gpu_check.py (a short training run per variant). Runs from the checkout with the machine's
+# own PyTorch, nothing installed:
+#     PYTHONPATH=. bash scripts/bench_gpu.sh [OUT_DIR]
+# SMOKE=1 runs the same commands on the CPU with a tiny model, to check the script itself.
 set -euo pipefail
 out=${1:-bench-gpu}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-for model in DiT-S/2 DiT-B/2; do
-  for dtype in bf16 fp32; do
-    for compile in "" "--compile"; do
-      name="${model//\//-}-$dtype${compile:+-compiled}"
-      mpdit bench --device cuda --model "$model" --input-size 32 --batch 64 --dtype "$dtype" $compile \
-        --repeats 20 --warmup 5 --out "$out/$name.json" | tee "$out/$name.txt"
-    done
-  done
-done
+export PYTHONPATH=${PYTHONPATH:-.}
+if [ "${SMOKE:-0}" = 1 ]; then
+  device=cpu; s2=DiT-Nano/4; xl2=DiT-Nano/4; batch=2; xl_batch=2; repeats=1; check="--device cpu --model DiT-Nano/4 --batch-size 2 --steps 2"
+else
+  device=cuda; s2=DiT-S/2; xl2=DiT-XL/2; batch=256; xl_batch=64; repeats=15
+  check="--steps 150"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+fi
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/gpu.txt"
+bench() {  # NAME, then mpdit bench options
+  name=$1; shift
+  echo "== $name" >&2
+  python3 -m mpdit.cli.main bench --device "$device" --dtype bf16 --repeats "$repeats" --warmup 3 \
+    --out "$out/$name.json" "$@" | tee "$out/$name.txt"
+}
+bench s2-16-eager --model "$s2" --input-size 16 --batch "$batch"
+bench s2-16-compiled --model "$s2" --input-size 16 --batch "$batch" --compile
+bench s2-32-eager --model "$s2" --input-size 32 --batch "$batch"
+bench xl2-32-eager --model "$xl2" --input-size 32 --batch "$xl_batch"
+echo "== gpu_check" >&2
+python3 scripts/gpu_check.py $check | tee "$out/gpu_check.jsonl"

@@ -35,3 +35,25 @@ def tiny_idx(tmp_path_factory):
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", data.images[:count, 0].numpy())
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", data.labels[:count].numpy())
     return f"idx:{folder}"
+
+
+@pytest.fixture(scope="session")
+def shifted_idx(tmp_path_factory, tiny_idx):
+    """idx:PATH spec of the tiny set with every label moved to the next class: 10 classes, not MNIST's."""
+    folder = tmp_path_factory.mktemp("shifted_idx")
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        data = load_dataset(tiny_idx, split)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", data.images[:, 0].numpy())
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", ((data.labels + 1) % 10).numpy())
+    return f"idx:{folder}"
+
+
+@pytest.fixture(scope="session")
+def shifted_classifier(tmp_path_factory, shifted_idx):
+    """Folder of a classifier trained for a few steps on shifted_idx by `mpdit classifier`."""
+    from mpdit.cli.main import main
+
+    folder = tmp_path_factory.mktemp("shifted_classifier")
+    assert main(["classifier", "--data", shifted_idx, "--out", str(folder), "--epochs", "6", "--batch-size", "64",
+                 "--quiet"]) == 0
+    return folder

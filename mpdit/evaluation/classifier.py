@@ -243,6 +243,21 @@ def save_classifier(model: SmallCNN, out, recipe: dict, name: str = "classifier"
     return weights_path, json_path
 
 
+def classifier_weights(path=None) -> Path:
+    """The weights file a ``--classifier`` value names: PATH, PATH/classifier.safetensors for a folder, or the
+    packaged MNIST weights for None."""
+    path = PACKAGED_WEIGHTS if path is None else Path(path)
+    return path / "classifier.safetensors" if path.is_dir() else path
+
+
+def classifier_name(path=None) -> str:
+    """How results name the classifier a ``--classifier`` value selects: the weights file it names, or the packaged
+    MNIST weights by their place in the package (the same on every install)."""
+    if path is None:
+        return f"packaged: mpdit/evaluation/weights/{PACKAGED_WEIGHTS.name}"
+    return str(classifier_weights(path))
+
+
 _LOADED: dict = {}
 
 
@@ -251,9 +266,7 @@ def load_classifier(path=None, device="cpu") -> SmallCNN:
     (or a folder holding ``classifier.safetensors``) written by ``mpdit classifier``."""
     from safetensors import safe_open
 
-    path = PACKAGED_WEIGHTS if path is None else Path(path)
-    if path.is_dir():
-        path = path / "classifier.safetensors"
+    path = classifier_weights(path)
     if not path.is_file():
         hint = " (the packaged weights are missing: reinstall mpdit)" if path == PACKAGED_WEIGHTS else ""
         raise MPDiTError(f"classifier weights {path} not found{hint}")
@@ -281,6 +294,37 @@ def default_classifier() -> SmallCNN:
     if "default" not in _LOADED:
         _LOADED["default"] = load_classifier()
     return _LOADED["default"]
+
+
+NO_CLASSIFIER = "none"  # --classifier none: no classifier metrics (Inception FID alone)
+# The packaged MNIST classifier gets ~99% of MNIST test digits right; below this on a dataset's real test
+# images, that dataset is not MNIST and the classifier's FD and accuracy would mean nothing.
+MIN_PACKAGED_ACCURACY = 0.5
+
+
+def scoring_classifier(path, data: str, reference: ImageDataset, num_classes: int) -> tuple[SmallCNN, dict]:
+    """The classifier that scores samples of ``data``, and the record a result keeps about it.
+
+    ``path``: weights written by ``mpdit classifier --data SPEC`` (a .safetensors file or its folder), or None
+    for the packaged MNIST classifier. ``reference``: real test images of ``data`` with their labels; the
+    classifier's accuracy on them is recorded, and the packaged classifier is refused when it is below
+    MIN_PACKAGED_ACCURACY (the data is not MNIST) or when its classes differ from the model's ``num_classes``.
+    """
+    weights = classifier_weights(path)
+    classifier = default_classifier() if path is None else load_classifier(weights)
+    fix = (f": train one for it with `mpdit classifier --data {data} --out CLASSIFIER` and pass --classifier "
+           "CLASSIFIER (or --classifier none --inception for Inception FID alone)") if path is None else ""
+    name = "the packaged MNIST classifier" if path is None else f"classifier {weights}"
+    if classifier.config["num_classes"] != num_classes:
+        raise MPDiTError(f"{name} has {classifier.config['num_classes']} classes, the model {num_classes}{fix}")
+    reference_accuracy = accuracy(classifier, reference.images, reference.labels)
+    if path is None and reference_accuracy < MIN_PACKAGED_ACCURACY:
+        raise MPDiTError(f"{name} labels only {reference_accuracy:.0%} of {len(reference)} real {data} test "
+                         f"images correctly, so {data} is not MNIST{fix}")
+    recipe_path = weights.with_suffix(".json")
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    return classifier, {"weights": classifier_name(path), "trained_on": recipe.get("recipe", {}).get("data"),
+                        "test_accuracy": recipe.get("test_accuracy"), "reference_accuracy": reference_accuracy}
 
 
 def classifier_test_accuracy(classifier: SmallCNN | None = None, data: str = "mnist", num_images: int | None = None) -> float:

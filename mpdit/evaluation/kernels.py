@@ -1,4 +1,4 @@
-"""Kernel counting: how many kernel-launching ATen operations a step runs.
+"""Kernel counting and saved-activation bytes: what a step costs on any device, measured on any device.
 
 A small model's GPU step is bound by kernel launches and bytes moved, not by FLOPs, and the number
 of launches is the same on every machine, so it can be counted on a CPU. `count_kernels` runs a
@@ -45,3 +45,19 @@ def count_kernels(fn) -> KernelCounter:
     with counter:
         fn()
     return counter
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes of the tensors autograd saves for backward while fn() runs, except those sharing storage with `params`."""
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(seen.values())

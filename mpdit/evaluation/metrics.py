@@ -324,18 +324,21 @@ def real_data_baseline(
     inception_weights: str | None = None,
     classifier=None,
     progress: bool = False,
+    score_classifier: bool = True,
 ) -> dict:
     """The metrics of ``num_images`` real train images (with their true labels) vs as many test
     images: what a perfect model would score at this sample count.
 
     Both draws use ``seed``; the test draw is the one ``reference_images(data, num_images, seed)``
     gives, so a model evaluated against that reference is directly comparable. Returns
-    ``classifier_metrics``' keys, plus ``fid_inception`` when ``inception`` is set.
+    ``classifier_metrics``' keys (unless ``score_classifier`` is False), plus ``fid_inception`` when
+    ``inception`` is set.
     """
     train = load_dataset(data, "train").sample(num_images, seed)
     test = reference_images(data, num_images, seed)
     result = {"data": data, "seed": seed}
-    result.update(classifier_metrics(train.images, train.labels, test.images, classifier=classifier))
+    if score_classifier:
+        result.update(classifier_metrics(train.images, train.labels, test.images, classifier=classifier))
     if inception:
         result["fid_inception"] = inception_fid(train.images, test.images, weights=inception_weights, progress=progress)
     return result

@@ -1,6 +1,7 @@
 """Plots of training runs (matplotlib, PNG): loss, metric at checkpoints, and per-block magnitudes."""
 
 import json
+import math
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
@@ -8,7 +9,8 @@ from mpdit.training.checkpoint import checkpoint_step
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """A run's log entries and every evaluation found (run-level eval.json and checkpoints/step-*/eval.json)."""
+    """A run's log entries and its evaluations, one per step: run-level eval.json and checkpoints/step-*/eval*.json
+    (`mpdit ablate` writes eval-cfgG.json per guidance scale); of several at one step, the one with the lowest FD."""
     run_dir = Path(run_dir)
     log_path = run_dir / "log.jsonl"
     if not log_path.is_file():
@@ -16,11 +18,15 @@ def read_run(run_dir: str | Path) -> dict:
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     evals = []
     final_step = log[-1]["step"] if log else 0
-    for path in [run_dir / "eval.json", *run_dir.glob("checkpoints/step-*/eval.json")]:
+    for path in [run_dir / "eval.json", *sorted(run_dir.glob("checkpoints/step-*/eval*.json"))]:
         if path.is_file():
             result = json.loads(path.read_text())
             evals.append({"step": evaluated_step(result, default=final_step), **result["metrics"]})
-    evals = sorted({e["step"]: e for e in evals}.values(), key=lambda e: e["step"])
+    best: dict[int, dict] = {}
+    for e in evals:
+        if e["step"] not in best or e.get("fd_classifier", math.inf) < best[e["step"]].get("fd_classifier", math.inf):
+            best[e["step"]] = e
+    evals = sorted(best.values(), key=lambda e: e["step"])
     return {"log": log, "evals": evals}
 
 
@@ -102,3 +108,35 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     return written
+
+
+def plot_curves(lines: list[dict], path: str | Path) -> Path:
+    """FD and class accuracy against training step, one line per grid row, error bars the sd over seeds.
+
+    ``lines``: summary lines of `mpdit ablate` (mpdit.evaluation.ablation.summarize), one per (row, step), e.g.
+    each at its best guidance. Writes and returns ``path`` (PNG).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_row: dict[str, list[dict]] = {}
+    for line in sorted(lines, key=lambda line: line["step"]):
+        by_row.setdefault(line["row"], []).append(line)
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in by_row.items():
+        steps = [p["step"] for p in points]
+        ax_fd.errorbar(steps, [p["fd_mean"] for p in points], [p["fd_std"] for p in points], marker="o",
+                       capsize=3, label=name)
+        ax_acc.errorbar(steps, [100 * p["acc_mean"] for p in points], [100 * p["acc_std"] for p in points],
+                        marker="o", capsize=3, label=name)
+    ax_fd.set(xlabel="step", ylabel="FD (classifier features)", yscale="log",
+              title="Fréchet distance (lower is better)")
+    ax_acc.set(xlabel="step", ylabel="class accuracy of samples (%)", title="Class accuracy")
+    ax_fd.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

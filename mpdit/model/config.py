@@ -34,6 +34,21 @@ def parse_mp(spec) -> tuple[str, ...]:
     return tuple(name for name in MP_SWITCHES if name in names)
 
 
+ATTENTION_OUTPUTS = ("normalized", "plain")
+
+
+def attention_output_setting(choice: str, switches) -> bool:
+    """DiTConfig.normalize_attention_output for a command-line or grid choice: "normalized" (each cosine-attention
+    head's output rescaled to RMS 1, this project's addition) or "plain" (the paper's exact cosine attention);
+    "plain" needs the cosine_attention switch among ``switches`` (without it there is nothing to switch off)."""
+    if choice not in ATTENTION_OUTPUTS:
+        raise MPDiTError(f"unknown attention output '{choice}': choose {' or '.join(ATTENTION_OUTPUTS)}")
+    if choice == "plain" and "cosine_attention" not in parse_mp(switches):
+        raise MPDiTError("attention output 'plain' switches off the rescaling of cosine attention: it needs the "
+                         "cosine_attention switch (mp all or a list naming it)")
+    return choice == "normalized"
+
+
 def mp_label(switches: tuple[str, ...]) -> str:
     """The preset name of a switch set if it has one ('all', 'none'), else the comma list."""
     for name, preset in MP_PRESETS.items():

@@ -379,6 +379,12 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         return sum(p.numel() for p in self.parameters())
 
 
+def compile_default(compile_model: bool | None, device: torch.device) -> bool:
+    """Whether to torch.compile: as asked, else on CUDA (where an eager step is bound by kernel launches) and not on
+    CPU (compiling takes minutes there for a gain of about 1.2x, docs/performance.md)."""
+    return torch.device(device).type == "cuda" if compile_model is None else compile_model
+
+
 def build_model(model: str = "DiT-S/2", **overrides) -> MPDiT:
     """A model from the zoo, e.g. build_model('DiT-S/2', mp='all', conditioning='scale-rotation-gate')."""
     return MPDiT(DiTConfig.from_preset(model, **overrides))

@@ -77,7 +77,8 @@ class GroupedWeightNorm(torch.autograd.Function):
         w = stack_rows(weights)  # (R, F)
         rms = torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(w.shape[1])  # (R, 1)
         ctx.save_for_backward(row_scale, rms, *weights)
-        return (w * (row_scale / (rms + EPS))).to(dtype)
+        coef = row_scale / (rms + EPS)
+        return (w.mul_(coef) if len(weights) > 1 else w * coef).to(dtype)  # in place on a stacked copy
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -86,7 +87,8 @@ class GroupedWeightNorm(torch.autograd.Function):
         norm = rms + EPS
         grad = grad.to(w.dtype)
         dot = (grad * w).sum(dim=1, keepdim=True)  # (G . w) per row
-        grad_w = (row_scale / norm) * (grad - w * (dot / (norm * rms.clamp_min(1e-30) * w.shape[1])))
+        grad_w = torch.addcmul(grad, w, dot / (norm * rms.clamp_min(1e-30) * w.shape[1]), value=-1)
+        grad_w.mul_(row_scale / norm)  # in place: few weight-sized temporaries
         grad_scale = dot / norm if ctx.needs_input_grad[0] else None
         rows = grad_w.split([v.shape[0] for v in weights])
         return (grad_scale, None, *(g.view_as(v) for g, v in zip(rows, weights)))

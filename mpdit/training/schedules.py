@@ -87,6 +87,25 @@ def make_schedule(name: str, lr: float, warmup_steps: int = 0, t_ref: int | None
     raise MPDiTError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+RECIPES = ("authors", "edm2")
+
+
+def recipe_options(name: str, steps: int, batch_size: int) -> dict:
+    """Warm-up, t_ref and gradient clipping of a named recipe for the edm2 schedule, for a run of ``steps``
+    optimizer steps of ``batch_size`` images.
+
+    - ``authors``: the paper authors' training script (DESIGN.md section 4): warm-up over steps/150, 1/sqrt decay
+      from steps/10, gradient norm clipped at 0.1 (400k steps: 2,667 and 40,000).
+    - ``edm2``: EDM2's constants, counted in images: warm-up over 10M images, t_ref = 70k batches of 2048 images
+      (batch 256: 39,062 and 560,000 steps, so no decay within 400k steps); no clipping.
+    """
+    if name == "authors":
+        return dict(warmup_steps=round(steps / 150), t_ref=max(round(steps / 10), 1), grad_clip=0.1)
+    if name == "edm2":
+        return dict(warmup_steps=10_000_000 // batch_size, t_ref=70_000 * 2048 // batch_size, grad_clip=None)
+    raise MPDiTError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's lr (call before optimizer.step())."""
     for group in optimizer.param_groups:

@@ -22,7 +22,7 @@ from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.files import remove_path
 from mpdit.model.config import DiTConfig
-from mpdit.model.dit import MPDiT, load_state_dict_checked
+from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import SNAPSHOTS, ClassicEMA, PowerFunctionEMA, save_snapshot, snapshot_path
 from mpdit.training.guard import DivergenceGuard, json_safe, require_finite
@@ -63,7 +63,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on CUDA only (see compile_default)
     device: str = "auto"
     progress: bool = True
     max_bad_steps: int = 10  # stop after this many steps in a row skipped for a non-finite loss or gradient
@@ -213,7 +213,8 @@ class Trainer:
             self.load_latest(from_step)
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
         net = self.ddp or self.model
-        self.forward = torch.compile(net) if cfg.compile else net
+        self.compiled = compile_default(cfg.compile, self.dist.device)
+        self.forward = torch.compile(net) if self.compiled else net
         self.telemetry = Telemetry(self.model)
 
     def check_data_fits_model(self) -> None:
@@ -446,11 +447,16 @@ class Trainer:
         if main and cfg.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        last_time, last_step = time.perf_counter(), self.step
+        last_time, last_step, start_step = time.perf_counter(), self.step, self.step
         try:
             while self.step < cfg.steps:
                 record = bool(cfg.telemetry_every) and (self.step + 1) % cfg.telemetry_every == 0
+                first_compiled = self.compiled and self.step == start_step
+                started = time.perf_counter()
                 stats = self.train_step(record)
+                if first_compiled and main:  # the first step of a compiled model includes its compilation
+                    print(f"compiled the training step: first step took {time.perf_counter() - started:.1f} s",
+                          flush=True)
                 due = lambda every: bool(every) and self.step % every == 0  # noqa: E731
                 snapshot = bool(cfg.snapshot_every and self.power_ema) and due(cfg.snapshot_every)
                 logged = due(cfg.log_every) or record or self.step == cfg.steps
