@@ -516,7 +516,7 @@ def test_bad_training_options(tmp_path, tiny_idx, argv, message):
 
 def test_grid_rows_are_checked(tmp_path):
     from mpdit.evaluation.ablation import load_grid
-    for rows, message in [([], "non-empty JSON list"), ([{"name": "a", "lr": "fast"}], "'lr' must be a number"),
+    for rows, message in [([], "has no rows"), ([{"name": "a", "lr": "fast"}], "'lr' must be a number"),
                           ([{"name": "a", "seeds": 0}], "seeds must be >= 1")]:
         (tmp_path / "grid.json").write_text(json.dumps(rows))
         with pytest.raises(MPDiTError, match=message):

@@ -93,9 +93,8 @@ def load_grid(path: str | Path) -> tuple[list[Row], dict]:
         items, budget = items.get("rows"), items.get("budget", {})
         if not isinstance(budget, dict):
             raise MPDiTError(f"grid file {path}: 'budget' must be an object of budget options")
-    if not isinstance(items, list) or not items:
-        raise MPDiTError(f"grid file {path} must hold a non-empty JSON list of rows or an object with 'budget' and "
-                         "'rows'")
+    if not isinstance(items, list):
+        raise MPDiTError(f"grid file {path} must hold a JSON list of rows or an object with 'budget' and 'rows'")
     rows = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "name" not in item:
@@ -108,6 +107,8 @@ def load_grid(path: str | Path) -> tuple[list[Row], dict]:
         dataclass_from_dict(Budget, budget, "budget option")
     except MPDiTError as error:
         raise MPDiTError(f"grid file {path}: {error}") from None
+    if not rows:
+        raise MPDiTError(f"grid file {path} has no rows: give at least one")
     return rows, budget
 
 
