@@ -5,7 +5,7 @@
 untouched when the flag is 1. The EMAs then average the unchanged, finite weights, so nothing non-finite reaches
 them. The flag and the counters stay on the device: no host synchronisation per step. ``counts`` (one sync) is
 read where the loop synchronises anyway (log, checkpoint and snapshot steps), and the loop stops with a one-line
-error once the run has been skipping for ``max_bad_steps`` steps in a row.
+error once the run has been skipping for ``TrainConfig.max_bad_steps`` steps in a row (``Trainer.check_divergence``).
 
 Under DDP the gradient norm is computed from the all-reduced gradients and the loss is the all-reduced mean,
 so every rank reaches the same flag.
@@ -21,8 +21,7 @@ from mpdit.errors import MPDiTError
 class DivergenceGuard:
     """Per-step non-finite check with a device-side streak and total of skipped steps."""
 
-    def __init__(self, max_bad_steps: int, device: torch.device, skipped: int = 0):
-        self.max_bad_steps = max_bad_steps
+    def __init__(self, device: torch.device, skipped: int = 0):
         self.streak = torch.zeros((), device=device)  # skipped steps in a row, up to now
         self.skipped = torch.full((), float(skipped), device=device)  # skipped steps in all (kept across resumes)
 
@@ -37,10 +36,6 @@ class DivergenceGuard:
         """(skipped steps in a row, skipped steps in all): one host synchronisation."""
         streak, skipped = torch.stack([self.streak, self.skipped]).tolist()
         return int(streak), int(skipped)
-
-    def diverged(self) -> bool:
-        """True once the last ``max_bad_steps`` steps were all skipped (one host synchronisation)."""
-        return self.counts()[0] >= self.max_bad_steps
 
 
 def nonfinite_tensor(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -208,7 +208,7 @@ class Trainer:
         self.ema = ClassicEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
         self.step = 0
-        self.guard = DivergenceGuard(cfg.max_bad_steps, self.dist.device)
+        self.guard = DivergenceGuard(self.dist.device)
         if resume:
             self.load_latest(from_step)
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
@@ -349,7 +349,7 @@ class Trainer:
                             for s in self.power_ema.sigma_rels]})
         ckpt.restore_rng_state(state["rng"])
         self.step = int(state["step"])
-        self.guard = DivergenceGuard(self.cfg.max_bad_steps, device, skipped=int(state.get("skipped_steps", 0)))
+        self.guard = DivergenceGuard(device, skipped=int(state.get("skipped_steps", 0)))
 
     # --- one step ---------------------------------------------------------------------------
 
