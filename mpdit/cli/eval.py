@@ -44,11 +44,12 @@ PROTOCOLS = {"fid10k": 10_000, "fid50k": 50_000}
 def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sampler: str = "ddim", steps: int = 50,
              cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0, batch_size: int = 250, device: str = "auto",
              data: str | None = None, inception: bool = False, inception_weights: str | None = None,
-             baseline: bool = True, progress: bool = True, classifier: str | None = None) -> dict:
+             baseline: bool = True, progress: bool = True, classifier: str | None = None,
+             compile_model: bool | None = None) -> dict:
     """Sample, score, and return {"metrics", "baseline", "protocol"} (see the module doc for the protocol).
 
     ``classifier``: weights written by `mpdit classifier` (file or folder); None: the packaged MNIST one;
-    "none": no classifier metrics (Inception FID alone)."""
+    "none": no classifier metrics (Inception FID alone). ``compile_model``: as `generate`'s (None: on CUDA)."""
     if num < 2:
         raise MPDiTError(f"--num must be at least 2 to compute a Fréchet distance, got {num}")
     device = device_of(device)
@@ -64,7 +65,7 @@ def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sample
         raise MPDiTError("--classifier none leaves nothing to score: add --inception for Inception FID alone")
     start = time.perf_counter()
     images = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                      batch_size=batch_size, device=device, progress=progress)
+                      batch_size=batch_size, device=device, progress=progress, compile_model=compile_model)
     sampling_s = time.perf_counter() - start
     metrics = {} if scorer is None else classifier_metrics(images, labels, reference.images, classifier=scorer)
     if inception:

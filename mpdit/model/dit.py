@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpdit.diffusion.schedule import noise_conditioning
 from mpdit.errors import MPDiTError
@@ -282,8 +282,8 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         # the modulation projections last, so that each group keeps them side by side (one matmul for all)
         last = [p.proj for p in self.projections]
         layers = [m for m in self.modules() if isinstance(m, WeightNormalized) and m not in last]
-        self.weight_norm = WeightNormBank(layers + [m for m in last if isinstance(m, WeightNormalized)]) \
-            if layers else None
+        layers += [m for m in last if isinstance(m, WeightNormalized)]
+        self.weight_norm = WeightNormBank(layers) if layers else None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
