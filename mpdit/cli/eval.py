@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpdit.cli.sample import (add_sampling_options, device_of, load_checkpoint_model, load_sampling_model,
-                              parse_classes, run_data_spec)
+from mpdit.cli.sample import (add_sampling_options, check_counts, device_of, load_checkpoint_model,
+                              load_sampling_model, parse_classes, run_data_spec)
 from mpdit.data.latents import list_images, read_image
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_npz
 from mpdit.errors import MPDiTError
@@ -181,7 +181,7 @@ def run_protocol(args) -> int:
     out = Path(args.out) if args.out else folder / f"{args.protocol}.json"
     if out.suffix != ".json":
         raise MPDiTError(f"--out must be a .json path, got {out}")
-    result = fid_protocol(model, decode, num=args.num or PROTOCOLS[args.protocol], cfg_scale=args.cfg_scale,
+    result = fid_protocol(model, decode, num=PROTOCOLS[args.protocol] if args.num is None else args.num, cfg_scale=args.cfg_scale,
                           seed=args.seed, batch_size=args.batch_size, out_dir=out.parent, reference=args.reference,
                           reference_npz=args.reference_npz, reference_max=args.reference_num,
                           inception_weights=args.inception_weights, dist=dist, progress=not args.json)
@@ -212,6 +212,7 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def run(args) -> int:
+    check_counts(args)
     if args.protocol:
         return run_protocol(args)
     if args.dit_checkpoint or not args.ckpt:
@@ -219,7 +220,10 @@ def run(args) -> int:
     if run_data_spec(Path(args.ckpt), args.data).startswith("latents:"):
         raise MPDiTError("a latent model is scored with the FID protocol: add --protocol fid10k (or fid50k) "
                          "and --reference folder:PATH or --reference-npz PATH")
-    result = evaluate(args.ckpt, weights=args.weights, num=args.num or 1000, sampler=args.sampler, steps=args.steps,
+    if args.data and not args.out and args.data != run_data_spec(Path(args.ckpt)):
+        raise MPDiTError(f"--data {args.data} is not the run's own data, so its score does not go to the checkpoint's "
+                         "eval.json: give --out PATH.json")
+    result = evaluate(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       data=args.data, inception=args.inception, inception_weights=args.inception_weights,
                       baseline=not args.no_baseline, progress=not args.json, classifier=args.classifier)

@@ -11,7 +11,8 @@ import sys
 
 from mpdit.errors import MPDiTError
 
-SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "ablate", "plot", "params", "bench", "classifier"]
+SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
+               "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (MPDiTError, FileNotFoundError) as error:
+    except (MPDiTError, OSError) as error:  # OSError: a missing file, a full disk, a read-only folder...
         print(f"mpdit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

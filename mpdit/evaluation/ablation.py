@@ -49,6 +49,8 @@ class Row:
     def __post_init__(self):
         conditioning_ops(self.conditioning)
         attention_output_setting(self.attention_output, parse_mp(self.mp))
+        if self.seeds is not None and self.seeds < 1:
+            raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
 
     def optimizer(self) -> dict:
         """The family's optimizer settings (mpdit.training.train.family_optimizer) with this row's overrides."""
@@ -105,6 +107,8 @@ def load_grid(path: str | Path) -> tuple[list[Row], dict]:
         dataclass_from_dict(Budget, budget, "budget option")
     except MPDiTError as error:
         raise MPDiTError(f"grid file {path}: {error}") from None
+    if not rows:
+        raise MPDiTError(f"grid file {path} has no rows: give at least one")
     return rows, budget
 
 

@@ -33,7 +33,7 @@ from mpdit.nn.primitives import (
     sincos_pos_embed_2d,
     timestep_sinusoidal,
 )
-from mpdit.training.checkpoint import load_safetensors
+from mpdit.files import load_safetensors
 
 
 def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
@@ -284,6 +284,21 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         layers = [m for m in self.modules() if isinstance(m, WeightNormalized) and m not in last]
         layers += [m for m in last if isinstance(m, WeightNormalized)]
         self.weight_norm = WeightNormBank(layers) if layers else None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
+                         **_model_kwargs) -> "MPDiT":
+        """from_pretrained's loader (PyTorchModelHubMixin hook), strict: the model is rebuilt from config.json with
+        load_model's checks (unknown or ill-typed keys refused) and every tensor must match it, key and shape."""
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import hf_hub_download
+
+            for name in ("config.json", "model.safetensors"):
+                folder = Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, token=token,
+                                              force_download=force_download, local_files_only=local_files_only)).parent
+        return load_model(folder, device=map_location).eval()
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         cfg = self.config
