@@ -1,16 +1,59 @@
 """The one exception type the command line turns into a one-line message, and a checked dataclass builder."""
 
 import dataclasses
+import types
+import typing
 
 
 class MPDiTError(ValueError):
     """Bad input from the user: the message says what to fix, in one line."""
 
 
+def _describe(annotation) -> str:
+    """'an integer', 'a number or null', 'a list of numbers'... for a field annotation."""
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a JSON-like value has the type a dataclass field declares (int, float, bool, str, X | None,
+    tuple[T, ...]; a tuple of strings may also be given as one string). Other annotations accept anything."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if args and args[0] is str and isinstance(value, str):
+            return True
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    return True
+
+
 def dataclass_from_dict(cls, values: dict, what: str):
-    """cls(**values), with a one-line MPDiTError naming the first key `cls` does not have ('unknown WHAT ...')."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    """cls(**values), with a one-line MPDiTError if ``values`` is not a dict ('... must be a JSON object'), names
+    a key `cls` does not have ('unknown WHAT ...'), or gives a value of the wrong type ('WHAT 'k' must be ...')."""
+    if not isinstance(values, dict):
+        raise MPDiTError(f"{what}s must come as a JSON object of key: value, got a {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise MPDiTError(f"unknown {what} '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        raise MPDiTError(f"unknown {what} '{unknown[0]}' (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            raise MPDiTError(f"{what} '{name}' must be {_describe(hints[name])}, got {value!r}")
     return cls(**values)

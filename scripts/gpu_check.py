@@ -5,8 +5,8 @@
 
 Variants: the DiT baseline (mp none, adaln-zero, lr 1e-4), all-MP scale-shift-gate and all-MP
 scale-rotation-gate (lr 1e-2, EDM2 schedule). Timing starts after --warmup steps; each line also gives the
-parameter count, the last loss and whether every loss was finite; a variant that fails prints
-{"variant", "error"} and the script exits with status 1.
+parameter count, peak and resident (between steps) GPU memory, the last loss and whether every loss was
+finite; a variant that fails prints {"variant", "error"} and the script exits with status 1.
 """
 
 import argparse
@@ -60,11 +60,15 @@ def check(variant: str, args) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     losses = [float(v) for v in losses]
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    # between steps: weights, optimizer state, gradients; the peak minus it is the step's activations and temporaries
+    resident = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     return {"variant": variant, "model": args.model, "params": model.num_params(), "latents": list(shape[1:]),
             "batch": args.batch_size, "steps": args.steps, "precision": args.precision, "device": str(device),
             "images_per_s": round(args.steps * args.batch_size / seconds, 1),
-            "peak_memory_gib": None if peak is None else round(peak, 2), "final_loss": round(losses[-1], 4),
+            "peak_memory_gib": None if peak is None else round(peak, 2),
+            "resident_gib": None if resident is None else round(resident, 2), "final_loss": round(losses[-1], 4),
             "all_finite": all(math.isfinite(v) for v in losses)}
 
 

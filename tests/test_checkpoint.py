@@ -1,6 +1,7 @@
 """Tests for mpdit.training.checkpoint: atomic writes, file formats, layout, RNG state."""
 
 import os
+import pickle
 import random
 
 import numpy as np
@@ -164,12 +165,18 @@ class _Custom:
     pass
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain pickle below
 def test_untrusted_objects_refused_clearly(tmp_path):
     path = tmp_path / "obj.pt"
     save_torch(path, {"thing": _Custom()})
-    with pytest.raises(MPDiTError, match=r"\(\S*_Custom\) that weights_only loading refuses"):
+    with pytest.raises(MPDiTError, match=r"\(\S*_Custom\) that safe loading refuses") as error:
         load_torch(path)
+    assert "weights_only=False" not in str(error.value)  # never suggest the unsafe load
     assert isinstance(load_torch(path, weights_only=False)["thing"], _Custom)
+    path.write_bytes(pickle.dumps({"thing": _Custom()}))  # a plain pickle: torch's message names weights_only=False
+    with pytest.raises(MPDiTError, match="corrupt or truncated .*Unsupported operand") as error:
+        load_torch(path)
+    assert "weights_only" not in str(error.value)
 
 
 def _draws():

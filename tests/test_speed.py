@@ -13,7 +13,8 @@ from mpdit.evaluation.kernels import count_kernels, saved_bytes
 from mpdit.diffusion.generate import generate
 from mpdit.model import DiTConfig, build_model
 from mpdit.model.dit import compile_default
-from mpdit.nn.primitives import EPS, GroupedWeightNorm, MPLinear, WeightNormBank, force_normalize_, normalize
+from mpdit.nn.primitives import (EPS, GroupedWeightNorm, MPEmbedding, MPLinear, WeightNormBank, force_normalize_,
+                                 normalize)
 
 
 def reference_weight(w: torch.Tensor, scale: float, gain: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,18 @@ def test_training_forward_applies_forced_normalization_to_every_weight_once():
         assert torch.allclose(layer.current_weight, expected, atol=1e-7) and (rms - 1).abs().max() < 1e-3
     bank.release()
     assert all(layer.current_weight is None for layer in layers)
+
+
+@pytest.mark.parametrize("mp", ["all", "forced_weight_norm"])
+def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp):
+    model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp=mp)
+    layers = [m for m in model.modules() if isinstance(m, (MPLinear, MPEmbedding)) and m.forced]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(2.0)
+    expected = [normalize(layer.weight) * layer.forced_scale for layer in layers]
+    model(torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2]))
+    assert layers and all(torch.allclose(layer.weight, e, atol=1e-7) for layer, e in zip(layers, expected))
 
 
 def test_eval_cache_follows_weights_written_in_place_or_replaced():

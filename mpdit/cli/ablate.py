@@ -6,6 +6,7 @@ The budget (model, data, steps, evaluation) comes from the options below, over t
 ({"budget": {...}, "rows": [...]}) where it has one, over the defaults shown.
 """
 
+import argparse
 import dataclasses
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,8 @@ def register(subparsers) -> None:
     parser.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (default 0: off)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile training and sampling (default off: short runs do not repay it)")
     parser.add_argument("--eval-steps", type=ints, default=None,
                         help="comma list of steps whose checkpoints are also evaluated (default: the final one only)")
     parser.add_argument("--eval-num", type=int, default=None,

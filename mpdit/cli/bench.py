@@ -172,7 +172,6 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
         if loop:  # the whole loop's step against the bare step just timed
             rows[-1]["loop_ms"] = round(loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats,
                                                      warmup), 2)
-            rows[-1]["loop_over_step"] = round(rows[-1]["loop_ms"] / rows[-1]["train_ms"], 3)
         if count_ops:
             rows[-1]["train_kernels"], rows[-1]["sample_kernels"] = bench.kernels()
             rows[-1]["saved_mb"] = round(bench.saved_mb(), 2)
@@ -186,6 +185,8 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             row[key] = round(row[ref] / base[ref], 3)
         for key in ("train_ms", "train_spread_ms", "sample_ms", "sample_spread_ms", "peak_mem_mb"):
             row[key] = round(row[key], 2)
+        if loop:
+            row["loop_over_step"] = round(row["loop_ms"] / row["train_ms"], 3)
     return rows
 
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
-from mpdit.training.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_bytes, save_safetensors
+from mpdit.training.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_bytes, is_training_folder, save_safetensors
 from mpdit.training.ema import SIGMA_REL_MAX, SNAPSHOTS, posthoc_plan, reconstruct
 
 
@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         raise MPDiTError(f"no model config at {config}; --run must be a training run directory (it writes {CONFIG_FILE})")
     if out_dir.resolve() == run_dir.resolve():
         raise MPDiTError("--out must be a different directory from --run")
+    if is_training_folder(out_dir):
+        raise MPDiTError(f"--out {out_dir} is a training checkpoint or run: writing EMA weights there would replace its "
+                         "raw weights (and a --resume would continue from them); choose a new folder")
     out_step, plan, fit_error = posthoc_plan(run_dir, args.sigma_rel, args.step)
     weights = reconstruct(run_dir, args.sigma_rel, out_step)
     out_dir.mkdir(parents=True, exist_ok=True)

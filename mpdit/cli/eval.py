@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpdit.cli.sample import (add_sampling_options, device_of, load_checkpoint_model, load_sampling_model,
-                              parse_classes, run_data_spec)
+from mpdit.cli.sample import (add_sampling_options, check_counts, device_of, load_checkpoint_model,
+                              load_sampling_model, parse_classes, run_data_spec)
 from mpdit.data.latents import list_images, read_image
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_npz
 from mpdit.errors import MPDiTError
@@ -44,11 +44,12 @@ PROTOCOLS = {"fid10k": 10_000, "fid50k": 50_000}
 def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sampler: str = "ddim", steps: int = 50,
              cfg_scale: float = DEFAULT_CFG_SCALE, seed: int = 0, batch_size: int = 250, device: str = "auto",
              data: str | None = None, inception: bool = False, inception_weights: str | None = None,
-             baseline: bool = True, progress: bool = True, classifier: str | None = None) -> dict:
+             baseline: bool = True, progress: bool = True, classifier: str | None = None,
+             compile_model: bool | None = None) -> dict:
     """Sample, score, and return {"metrics", "baseline", "protocol"} (see the module doc for the protocol).
 
     ``classifier``: weights written by `mpdit classifier` (file or folder); None: the packaged MNIST one;
-    "none": no classifier metrics (Inception FID alone)."""
+    "none": no classifier metrics (Inception FID alone). ``compile_model``: as `generate`'s (None: on CUDA)."""
     if num < 2:
         raise MPDiTError(f"--num must be at least 2 to compute a Fréchet distance, got {num}")
     device = device_of(device)
@@ -64,7 +65,7 @@ def evaluate(ckpt: str | Path, *, weights: str = "auto", num: int = 1000, sample
         raise MPDiTError("--classifier none leaves nothing to score: add --inception for Inception FID alone")
     start = time.perf_counter()
     images = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                      batch_size=batch_size, device=device, progress=progress)
+                      batch_size=batch_size, device=device, progress=progress, compile_model=compile_model)
     sampling_s = time.perf_counter() - start
     metrics = {} if scorer is None else classifier_metrics(images, labels, reference.images, classifier=scorer)
     if inception:
@@ -180,7 +181,7 @@ def run_protocol(args) -> int:
     out = Path(args.out) if args.out else folder / f"{args.protocol}.json"
     if out.suffix != ".json":
         raise MPDiTError(f"--out must be a .json path, got {out}")
-    result = fid_protocol(model, decode, num=args.num or PROTOCOLS[args.protocol], cfg_scale=args.cfg_scale,
+    result = fid_protocol(model, decode, num=PROTOCOLS[args.protocol] if args.num is None else args.num, cfg_scale=args.cfg_scale,
                           seed=args.seed, batch_size=args.batch_size, out_dir=out.parent, reference=args.reference,
                           reference_npz=args.reference_npz, reference_max=args.reference_num,
                           inception_weights=args.inception_weights, dist=dist, progress=not args.json)
@@ -212,6 +213,7 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def run(args) -> int:
+    check_counts(args)
     if args.protocol:
         return run_protocol(args)
     if args.dit_checkpoint or not args.ckpt:
@@ -219,7 +221,10 @@ def run(args) -> int:
     if run_data_spec(Path(args.ckpt), args.data).startswith("latents:"):
         raise MPDiTError("a latent model is scored with the FID protocol: add --protocol fid10k (or fid50k) "
                          "and --reference folder:PATH or --reference-npz PATH")
-    result = evaluate(args.ckpt, weights=args.weights, num=args.num or 1000, sampler=args.sampler, steps=args.steps,
+    if args.data and not args.out and args.data != run_data_spec(Path(args.ckpt)):
+        raise MPDiTError(f"--data {args.data} is not the run's own data, so its score does not go to the checkpoint's "
+                         "eval.json: give --out PATH.json")
+    result = evaluate(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       data=args.data, inception=args.inception, inception_weights=args.inception_weights,
                       baseline=not args.no_baseline, progress=not args.json, classifier=args.classifier)

@@ -14,7 +14,8 @@ from mpdit import __version__
 from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
 
-SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "ablate", "plot", "params", "bench", "classifier"]
+SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
+               "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "cpu_heavy", False):
             choose_threads(getattr(args, "device", "auto"))
         code = args.func(args)
-    except (MPDiTError, FileNotFoundError) as error:
+    except (MPDiTError, OSError) as error:  # OSError: a missing file, a full disk, a read-only folder...
         print(f"mpdit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,51 +11,14 @@ from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_grid, sav
 from mpdit.diffusion.sampling import SAMPLERS
 from mpdit.errors import MPDiTError
 from mpdit.model.convert import load_official_checkpoint
-from mpdit.model.dit import MPDiT, load_model
-from mpdit.training.checkpoint import MODEL_FILE, resolve_checkpoint
-from mpdit.training.train import TRAIN_CONFIG
-
-
-def weight_files(checkpoint: Path) -> dict[str, str]:
-    """Weight choices present in a checkpoint: raw, ema (classic), sigma-S.SSS (power-function EMA)."""
-    files = {"raw": MODEL_FILE}
-    if (checkpoint / "ema.safetensors").is_file():
-        files["ema"] = "ema.safetensors"
-    for path in sorted(checkpoint.glob("ema-sigma-*.safetensors")):
-        files[path.stem.removeprefix("ema-")] = path.name
-    return files
-
-
-def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str = "cpu") -> tuple[MPDiT, Path, str]:
-    """The model of a run, checkpoints or step folder, with the chosen weights.
-
-    weights 'auto' takes the power-function EMA with the largest sigma_rel if there is one, else the raw weights.
-    """
-    checkpoint = resolve_checkpoint(path)
-    files = weight_files(checkpoint)
-    if weights == "auto":
-        power = [name for name in files if name.startswith("sigma-")]
-        weights = power[-1] if power else "raw"
-    if weights not in files:
-        raise MPDiTError(f"checkpoint {checkpoint} has no '{weights}' weights: choose one of {', '.join(files)}")
-    return load_model(checkpoint, files[weights], device), checkpoint, weights
-
-
-def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
-    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
-    if given:
-        return given
-    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (folder / TRAIN_CONFIG).is_file():
-            return json.loads((folder / TRAIN_CONFIG).read_text())["data"]
-    return "mnist"
+from mpdit.training.checkpoint import load_checkpoint_model, run_data_spec
 
 
 def load_sampling_model(args, device: str):
     """(model, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215) or --ckpt
     (with the VAE decoder of its latents:PATH data, if any; --vae overrides the VAE)."""
     if args.dit_checkpoint:
-        model = load_official_checkpoint(args.dit_checkpoint, device)
+        model = load_official_checkpoint(args.dit_checkpoint, device, args.dit_num_classes)
         decode = LatentDecoder.official(args.vae or DEFAULT_VAE, device)
         return model, decode, {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
     if not args.ckpt:
@@ -83,6 +46,14 @@ def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> to
     return torch.tensor(classes).repeat(-(-num // len(classes)))[:num]
 
 
+def check_counts(args) -> None:
+    """One-line errors for sample counts that cannot work (checked before any model is loaded)."""
+    for option in ("num", "batch_size", "steps", "nrow"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise MPDiTError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+
+
 def device_of(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,6 +64,9 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--ckpt", default=None, help="run folder, its checkpoints/ folder, or one step folder")
     parser.add_argument("--dit-checkpoint", default=None, metavar="PATH",
                         help="an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt) instead of --ckpt")
+    parser.add_argument("--dit-num-classes", type=int, default=None, metavar="K",
+                        help="with --dit-checkpoint: its class count, for a DiT trained without label dropout "
+                             "(default: the label table's rows minus the null class)")
     parser.add_argument("--vae", default=None,
                         help=f"AutoencoderKL for latent models: Hub id or folder (default: the data's, {DEFAULT_VAE})")
     parser.add_argument("--weights", default="auto",
@@ -108,14 +82,15 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
 
 
 def run(args) -> int:
+    check_counts(args)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
     model, decode, source = load_sampling_model(args, device_of(args.device))
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
     images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       seed=args.seed, batch_size=args.batch_size, device=device_of(args.device),
                       progress=not args.no_progress, decode=decode, compile_model=args.compile)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
     grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
     npz = save_npz(images, out.with_suffix(".npz"), labels)
     report = {"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler,

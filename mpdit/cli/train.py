@@ -5,7 +5,9 @@ one: `mpdit train --min-snr-gamma 5 --steps 3600 --out runs/quickstart`, the oth
 """
 
 import argparse
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, s
 from mpdit.errors import MPDiTError
 from mpdit.model.config import ATTENTION_OUTPUTS, DiTConfig, attention_output_setting
 from mpdit.nn.modulation import CONDITIONINGS
-from mpdit.training.checkpoint import resolve_checkpoint
+from mpdit.training.checkpoint import list_checkpoints
 from mpdit.training.schedules import RECIPES, SCHEDULES, recipe_options
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
@@ -37,6 +39,14 @@ def fill_unset(args, values: dict) -> None:
     for key, value in values.items():
         if getattr(args, key) == args.option_defaults[key]:
             setattr(args, key, value)
+
+
+def numbers(text: str, option: str) -> tuple[float, ...]:
+    """'0.9,0.99' -> (0.9, 0.99); a one-line error naming ``option`` for anything else."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MPDiTError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
 def apply_recipe(args) -> None:
@@ -72,16 +82,16 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
     family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
     if args.betas is not None:
-        chosen["betas"] = tuple(float(b) for b in args.betas.split(","))
+        chosen["betas"] = numbers(args.betas, "--betas")
     options = {**family, **chosen}
     train_cfg = TrainConfig(
         data=args.data, image_size=size, steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, t_ref=args.t_ref,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, min_snr_gamma=args.min_snr_gamma, ema_decay=args.ema_decay or None,
-        ema_sigma_rels=tuple(float(s) for s in args.ema_sigma_rels.split(",") if s),
+        ema_sigma_rels=numbers(args.ema_sigma_rels, "--ema-sigma-rels"),
         snapshot_every=args.snapshot_every, seed=args.seed, log_every=args.log_every,
         telemetry_every=args.telemetry_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
         keep_checkpoints=args.keep_checkpoints, precision=args.precision, compile=args.compile, device=args.device,
-        progress=not args.no_progress, **options)
+        progress=not args.no_progress, max_bad_steps=args.max_bad_steps, **options)
     return model_cfg, train_cfg, data
 
 
@@ -93,27 +103,52 @@ def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float =
         labels = grid_labels(cfg.num_classes, per_class)
         images = generate(trainer.model, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
                           seed=trainer.cfg.seed, device=trainer.dist.device)
-        save_grid(images, trainer.run_dir / "samples" / f"step-{trainer.step:07d}.png",
-                  nrow=min(cfg.num_classes, 10))
+        path = trainer.run_dir / "samples" / f"step-{trainer.step:07d}.png"
+        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")  # a killed write leaves no torn grid
+        save_grid(images, tmp, nrow=min(cfg.num_classes, 10))
+        os.replace(tmp, path)
 
     return write
 
 
+# What --resume may change: when and how the run reports and saves, never what it trains.
+RESUME_OPTIONS = ("steps", "log_every", "telemetry_every", "sample_every", "ckpt_every", "keep_checkpoints", "device",
+                  "compile", "max_bad_steps")
+NOT_OPTIONS = {"resume", "from_step", "no_progress", "json", "func", "option_defaults", "command", "given"}
+
+
+def resume_overrides(args) -> dict:
+    """The TrainConfig changes the command line asks of a --resume; MPDiTError naming any option that would change
+    what the run trains (they are fixed by RUN_DIR/config.json and train_config.json)."""
+    given = sorted(getattr(args, "given", set()) - NOT_OPTIONS)
+    refused = [name for name in given if name not in RESUME_OPTIONS]
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        allowed = ", ".join("--" + name.replace("_", "-") for name in [*RESUME_OPTIONS, "no_progress", "json", "from_step"])
+        raise MPDiTError(f"--resume continues a run as it was set up, so {flags} cannot be given (it would change the "
+                         f"run; start a new one with --out for that); allowed with --resume: {allowed}")
+    overrides = {name: getattr(args, name) for name in given}
+    if args.no_progress:
+        overrides["progress"] = False
+    return overrides
+
+
 def run(args) -> int:
+    if args.from_step is not None and not args.resume:
+        raise MPDiTError("--from-step goes with --resume DIR")
     if args.resume:
         run_dir = Path(args.resume)
         model_cfg, train_cfg = read_run_configs(run_dir)
-        resolve_checkpoint(run_dir)
-        if args.steps is not None:
-            train_cfg.steps = args.steps
-        if args.no_progress:
-            train_cfg.progress = False
-        trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True)
+        if not list_checkpoints(run_dir):
+            raise MPDiTError(f"{run_dir} has no checkpoint to resume from (the run stopped before its first one): "
+                             f"start it again with --out {run_dir}")
+        train_cfg = TrainConfig.from_dict({**dataclasses.asdict(train_cfg), **resume_overrides(args)})
+        trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True, from_step=args.from_step)
     else:
         if args.out is None:
             raise MPDiTError("give --out DIR for a new run, or --resume DIR to continue one")
         run_dir = Path(args.out)
-        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        if list_checkpoints(run_dir):
             raise MPDiTError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
         model_cfg, train_cfg, data = build_configs(args)
         trainer = Trainer(run_dir, model_cfg, train_cfg, data=data)
@@ -187,6 +222,9 @@ def add_training_options(parser) -> None:
                         help="torch.compile the model (default: on CUDA, off on CPU)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-bad-steps", type=int, default=10,
+                        help="stop when this many steps in a row had a non-finite loss or gradient (they are "
+                             "skipped; default 10)")
     parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
 
 
@@ -196,7 +234,11 @@ def register(subparsers) -> None:
     add_model_options(parser)
     add_training_options(parser)
     parser.add_argument("--out", default=None, help="run folder for a new run")
-    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR (optionally --steps N)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue the run in DIR with its own settings (optionally --steps N; "
+                             "options that would change the run are refused)")
+    parser.add_argument("--from-step", type=int, default=None, metavar="N",
+                        help="with --resume: continue from the checkpoint of step N (the later ones are set aside)")
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="the paper's runs on 4x16x16 latents (model, batch 256, 400k steps, EMA snapshots); "
                              "combine with --mp/--conditioning; options given explicitly win (see docs/gpu.md)")
@@ -205,4 +247,23 @@ def register(subparsers) -> None:
                              "N/150, 1/sqrt decay from N/10, gradient clip 0.1) or edm2 (EDM2's, counted in images; "
                              "the presets' default); options given explicitly win")
     keys = {key for preset in PRESETS.values() for key in preset} | set(RECIPE_KEYS)
-    parser.set_defaults(func=run, cpu_heavy=True, option_defaults={key: parser.get_default(key) for key in keys})
+    parser.set_defaults(func=run, cpu_heavy=True, option_defaults={key: parser.get_default(key) for key in keys},
+                        given=frozenset())
+    record_given_options(parser)
+
+
+def _record_call(self, parser, namespace, values, option_string=None):
+    namespace.given = frozenset(getattr(namespace, "given", ())) | {self.dest}
+    super(type(self), self).__call__(parser, namespace, values, option_string)
+
+
+def record_given_options(parser: argparse.ArgumentParser) -> None:
+    """Make each option of ``parser`` add its dest to ``args.given`` when the command line gives it (what --resume
+    checks: a value equal to the default still counts as given)."""
+    subclasses = {}
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            base = type(action)
+            if base not in subclasses:
+                subclasses[base] = type(f"Recorded{base.__name__}", (base,), {"__call__": _record_call})
+            action.__class__ = subclasses[base]

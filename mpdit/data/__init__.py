@@ -9,6 +9,7 @@ from mpdit.data.datasets import (
     to_model_space,
     to_uint8,
 )
+from mpdit.data import latents  # noqa: F401, E402 (registers the latents:PATH spec with load_dataset)
 
 __all__ = [
     "ImageDataset",

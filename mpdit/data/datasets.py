@@ -28,6 +28,7 @@ import gzip
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,6 +276,10 @@ def _load_idx_folder(folder: Path, split: str, image_size, num_classes=None, cla
     images, labels = _read_idx_pair(images_path, labels_path)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if len(labels) else 0
+        unused = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
+        if unused and split == "train":  # the train split defines the classes
+            raise MPDiTError(f"{labels_path} has labels up to {num_classes - 1} but no image of class {unused[0]} "
+                             f"({len(unused)} of 0..{num_classes - 1} unused): the labels must be the classes 0..K-1")
     elif len(labels) and labels.max() >= num_classes:
         raise MPDiTError(f"{labels_path} holds label {int(labels.max())}, expected < {num_classes}")
     images = torch.from_numpy(images.copy()).unsqueeze(1)
@@ -324,7 +329,8 @@ def _load_mnist(split: str, image_size):
 # Image folders
 
 
-def _class_folders(root: Path, drop_split_names: bool) -> list[Path]:
+def class_folders(root: Path, drop_split_names: bool) -> list[Path]:
+    """The class sub-folders of an image folder, sorted by name (hidden ones and, if asked, train/val/test left out)."""
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if drop_split_names:
         folders = [p for p in folders if p.name not in ("train", "val", "test")]
@@ -359,12 +365,12 @@ def _decode_image(path: Path):
 
 def _load_image_folder(root: Path, split: str, image_size):
     train_dir, split_dir, train_is_root = _resolve_folder_split(root, split)
-    classes = _class_folders(train_dir, drop_split_names=train_is_root)
+    classes = class_folders(train_dir, drop_split_names=train_is_root)
     if not classes:
         raise MPDiTError(f"no class sub-folders in {train_dir}: expected {train_dir}/<class>/<image files>")
     class_names = [p.name for p in classes]
     index_of = {name: i for i, name in enumerate(class_names)}
-    split_classes = classes if split_dir == train_dir else _class_folders(split_dir, drop_split_names=False)
+    split_classes = classes if split_dir == train_dir else class_folders(split_dir, drop_split_names=False)
     for folder in split_classes:
         if folder.name not in index_of:
             raise MPDiTError(
@@ -389,6 +395,9 @@ def _load_image_folder(root: Path, split: str, image_size):
         warnings.warn(f"skipped {skipped} unreadable or non-image file(s) in {split_dir}", stacklevel=3)
     if not arrays:
         raise MPDiTError(f"no readable images in {split_dir} (expected {split_dir}/<class>/<image files>)")
+    empty = [name for i, name in enumerate(class_names) if split_dir == train_dir and i not in set(labels)]
+    if empty:
+        raise MPDiTError(f"class folder {split_dir / empty[0]} has no readable images: add some or remove the folder")
 
     sizes = sorted({a.shape[:2] for a in arrays})
     if image_size is None and len(sizes) > 1:
@@ -419,6 +428,11 @@ def _load_image_folder(root: Path, split: str, image_size):
 # Entry point
 
 
+# Loaders of the specs other modules define, PREFIX -> loader(path, split, image_size): mpdit.data.latents registers
+# "latents" (mpdit/data/__init__.py imports it), so this module does not import it back.
+SPEC_LOADERS: dict[str, Callable[[str, str, int | None], ImageDataset]] = {}
+
+
 def load_dataset(spec: str, split: str = "train", image_size: int | None = None) -> ImageDataset:
     """Load ``mnist``, ``idx:PATH``, ``folder:PATH`` (see the module docstring) or ``latents:PATH``
     (a :class:`mpdit.data.latents.LatentDataset` of ``mpdit encode`` shards) into memory."""
@@ -433,14 +447,12 @@ def load_dataset(spec: str, split: str = "train", image_size: int | None = None)
         return _load_mnist(split, image_size)
     prefix, sep, path = spec.partition(":")
     prefix = prefix.lower()
-    if not sep or prefix not in ("idx", "folder", "latents"):
+    if not sep or prefix not in ("idx", "folder", *SPEC_LOADERS):
         raise MPDiTError(f"unknown dataset spec '{spec}': use mnist, idx:PATH, folder:PATH or latents:PATH")
     if not path:
         raise MPDiTError(f"dataset spec '{spec}' has no path: write {prefix}:PATH")
-    if prefix == "latents":
-        from mpdit.data.latents import load_latents
-
-        return load_latents(path, split, image_size)
+    if prefix in SPEC_LOADERS:
+        return SPEC_LOADERS[prefix](path, split, image_size)
     root = Path(os.path.expanduser(path))
     if not root.exists():
         raise MPDiTError(f"dataset path {root} does not exist")

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpdit.data.datasets import SPEC_LOADERS, class_folders, to_uint8
 from mpdit.errors import MPDiTError
-from mpdit.training.checkpoint import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors
+from mpdit.files import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 OFFICIAL_DIT_SCALE = 0.18215  # the SD VAE's scaling factor, used by the official DiT checkpoints
@@ -109,9 +110,7 @@ def list_images(root: str | Path, class_index: str | Path | None = None) -> tupl
         index = {name: i for i, name in enumerate(names)}
         pairs.sort(key=lambda p: str(p[0]))
         return [p for p, _ in pairs], [index[label] for _, label in pairs], names
-    from mpdit.data.datasets import _class_folders
-
-    classes = _class_folders(root, drop_split_names=False)
+    classes = class_folders(root, drop_split_names=False)
     if not classes:
         raise MPDiTError(f"no class sub-folders in {root}: expected {root}/<class>/<images> or pass a class index file")
     files, labels = [], []
@@ -344,8 +343,6 @@ class LatentDecoder:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from mpdit.data.datasets import to_uint8
-
         device, dtype = self.vae.device, self.vae.dtype
         out = []
         for chunk in x.split(self.batch_size):
@@ -353,3 +350,6 @@ class LatentDecoder:
                 + self.channel_mean.to(device).view(1, -1, 1, 1)
             out.append(to_uint8(self.vae.decode(z.to(dtype)).sample.float().cpu()))
         return torch.cat(out)
+
+
+SPEC_LOADERS["latents"] = load_latents  # load_dataset("latents:PATH")

@@ -49,6 +49,8 @@ class Row:
     def __post_init__(self):
         conditioning_ops(self.conditioning)
         attention_output_setting(self.attention_output, parse_mp(self.mp))
+        if self.seeds is not None and self.seeds < 1:
+            raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
 
     def optimizer(self) -> dict:
         """The family's optimizer settings (mpdit.training.train.family_optimizer) with this row's overrides."""
@@ -105,6 +107,8 @@ def load_grid(path: str | Path) -> tuple[list[Row], dict]:
         dataclass_from_dict(Budget, budget, "budget option")
     except MPDiTError as error:
         raise MPDiTError(f"grid file {path}: {error}") from None
+    if not rows:
+        raise MPDiTError(f"grid file {path} has no rows: give at least one")
     return rows, budget
 
 
@@ -133,6 +137,7 @@ class Budget:
     precision: str = "fp32"
     classifier: str | None = None  # weights of `mpdit classifier`; None: the packaged MNIST classifier
     device: str = "auto"
+    compile: bool = False  # torch.compile training and sampling; off: short runs and many evaluations don't repay it
 
     def __post_init__(self):
         self.cfg_scales = tuple(float(g) for g in self.cfg_scales)
@@ -166,7 +171,7 @@ def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
     data = None
     if done:
         model_cfg, train_cfg = read_run_configs(folder)
-        train_cfg.steps, train_cfg.device = budget.steps, budget.device
+        train_cfg.steps, train_cfg.device, train_cfg.compile = budget.steps, budget.device, budget.compile
     else:
         data = load_dataset(budget.data, "train")
         model_cfg = model_config_for_data(budget.model, data, mp=row.mp, conditioning=row.conditioning,
@@ -177,6 +182,7 @@ def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
         train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
                                 batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
                                 min_snr_gamma=budget.min_snr_gamma, precision=budget.precision, device=budget.device,
+                                compile=budget.compile,
                                 ckpt_every=math.gcd(*steps) if len(steps) > 1 else max(budget.steps // 4, 1),
                                 keep_checkpoints=0, telemetry_every=max(budget.steps // 20, 1),
                                 log_every=max(budget.steps // 100, 1), progress=False,
@@ -202,7 +208,7 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) ->
             return result
     result = evaluate(checkpoint, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,
                       cfg_scale=cfg_scale, seed=seed, device=budget.device, baseline=False, progress=False,
-                      classifier=budget.classifier)
+                      classifier=budget.classifier, compile_model=budget.compile)
     atomic_write_text(path, json.dumps(result, indent=2))
     return result
 

@@ -101,6 +101,10 @@ class DiTConfig:
     name: str = field(default="custom")
 
     def __post_init__(self):
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+                     "num_timesteps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise MPDiTError(f"model config {name} must be an integer >= 1, got {getattr(self, name)!r}")
         self.mp = parse_mp(self.mp)
         conditioning_ops(self.conditioning)
         if self.input_size % self.patch_size:

@@ -41,8 +41,12 @@ def _shape(state: dict, key: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig:
-    """The baseline config of an official-layout state dict, read from its tensor shapes."""
+def infer_config(state: dict[str, torch.Tensor], num_classes: int | None = None) -> DiTConfig:
+    """The baseline config of an official-layout state dict, read from its tensor shapes.
+
+    The label table has num_classes rows, plus one for the null class when DiT trained with label dropout: the
+    shapes cannot tell which, so without ``num_classes`` the table is taken to end with a null class (as in every
+    released DiT checkpoint); give ``num_classes`` for a DiT trained without label dropout (no guidance then)."""
     hidden, in_channels, patch, _ = _shape(state, "x_embedder.proj.weight")
     num_tokens = _shape(state, "pos_embed")[1]
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
@@ -51,10 +55,15 @@ def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig:
     heads = next((h for d, dim, h in SIZES.values() if (d, dim) == (depth, hidden)), None)
     if heads is None:
         raise MPDiTError(f"no DiT size with depth {depth} and hidden size {hidden}: cannot infer the head count")
+    if num_classes is not None and rows not in (num_classes, num_classes + 1):
+        raise MPDiTError(f"the checkpoint's label table has {rows} rows: that is not {num_classes} classes "
+                         f"(with or without a null class); its class count is {rows - 1} or {rows}")
+    null_class = num_classes is None or rows == num_classes + 1
     grid = int(round(num_tokens**0.5))
     return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
-                     depth=depth, num_heads=heads, num_classes=rows - 1, learn_sigma=out == 2 * in_channels,
-                     mp=(), conditioning="adaln-zero", name="official-DiT")
+                     depth=depth, num_heads=heads, num_classes=rows - null_class, learn_sigma=out == 2 * in_channels,
+                     class_dropout_prob=0.1 if null_class else 0.0, mp=(), conditioning="adaln-zero",
+                     name="official-DiT")
 
 
 def load_official_state_dict(model: MPDiT, state: dict[str, torch.Tensor], source: str = "state dict") -> MPDiT:
@@ -65,10 +74,11 @@ def load_official_state_dict(model: MPDiT, state: dict[str, torch.Tensor], sourc
     return model
 
 
-def load_official_checkpoint(path: str | Path, device: str = "cpu") -> MPDiT:
+def load_official_checkpoint(path: str | Path, device: str = "cpu", num_classes: int | None = None) -> MPDiT:
     """Build and load our baseline from an official checkpoint file (e.g. DiT-XL-2-256x256.pt).
 
-    Accepts a bare state dict or a training checkpoint holding 'ema' (preferred) or 'model'.
+    Accepts a bare state dict or a training checkpoint holding 'ema' (preferred) or 'model'. ``num_classes``: see
+    infer_config (needed for a DiT trained without label dropout).
     """
     path = Path(path)
     if not path.is_file():
@@ -81,5 +91,5 @@ def load_official_checkpoint(path: str | Path, device: str = "cpu") -> MPDiT:
         state = state.get("ema", state.get("model"))
     if not isinstance(state, dict):
         raise MPDiTError(f"DiT checkpoint {path} does not hold a state dict")
-    model = MPDiT(infer_config(state))
+    model = MPDiT(infer_config(state, num_classes))
     return load_official_state_dict(model, state, str(path)).to(device)

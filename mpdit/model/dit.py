@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mpdit.diffusion.schedule import noise_conditioning
 from mpdit.errors import MPDiTError
@@ -33,7 +33,7 @@ from mpdit.nn.primitives import (
     sincos_pos_embed_2d,
     timestep_sinusoidal,
 )
-from mpdit.training.checkpoint import load_safetensors
+from mpdit.files import load_safetensors
 
 
 def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
@@ -282,8 +282,23 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         # the modulation projections last, so that each group keeps them side by side (one matmul for all)
         last = [p.proj for p in self.projections]
         layers = [m for m in self.modules() if isinstance(m, WeightNormalized) and m not in last]
-        self.weight_norm = WeightNormBank(layers + [m for m in last if isinstance(m, WeightNormalized)]) \
-            if layers else None
+        layers += [m for m in last if isinstance(m, WeightNormalized)]
+        self.weight_norm = WeightNormBank(layers) if layers else None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
+                         **_model_kwargs) -> "MPDiT":
+        """from_pretrained's loader (PyTorchModelHubMixin hook), strict: the model is rebuilt from config.json with
+        load_model's checks (unknown or ill-typed keys refused) and every tensor must match it, key and shape."""
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import hf_hub_download
+
+            for name in ("config.json", "model.safetensors"):
+                folder = Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, token=token,
+                                              force_download=force_download, local_files_only=local_files_only)).parent
+        return load_model(folder, device=map_location).eval()
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         cfg = self.config

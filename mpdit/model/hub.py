@@ -74,9 +74,8 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, token:
 def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "auto") -> Path:
     """A training run or checkpoint -> a save_pretrained folder, with the run's training config, the metrics
     found beside the checkpoint (fid10k.json, fid50k.json, eval.json) and its latent space."""
-    from mpdit.cli.sample import load_checkpoint_model, run_data_spec
     from mpdit.data.latents import read_metadata
-    from mpdit.training.train import TRAIN_CONFIG
+    from mpdit.training.checkpoint import TRAIN_CONFIG, load_checkpoint_model, run_data_spec
 
     model, checkpoint, weights = load_checkpoint_model(ckpt, weights)
     folders = (checkpoint, checkpoint.parent, checkpoint.parent.parent)

@@ -140,12 +140,19 @@ class WeightNormalized(nn.Module):
         return self.gain.reshape(-1)[self.gain_index]
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight this layer's forward multiplies by: normalize(w) * row_scale (traditional), else w * row_scale."""
+        """The weight this layer's forward multiplies by: the one its model's WeightNormBank prepared for this
+        forward, or, for a layer used alone, forced normalization (in training) and then normalized_weight."""
         if self.current_weight is not None:
             return self.current_weight
         if self.training and self.forced:
             force_normalize_([self.weight], self.forced_scale)
+        return self.normalized_weight(dtype)
+
+    def normalized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """normalize(w) * row_scale (traditional), else w * row_scale, without forced normalization."""
         gain = self.row_gain()
+        if not self.traditional and gain is None and self.scale == 1:
+            return self.weight.to(dtype)
         row_scale = torch.full((self.weight.shape[0], 1), self.scale, device=self.weight.device)
         if gain is not None:
             row_scale = row_scale * gain[:, None]
@@ -272,6 +279,9 @@ class WeightNormBank(nn.Module):
         for group, stacked in zip(self.groups, self.stacked):
             for layer, rows in zip(group, stacked.split([layer.weight.shape[0] for layer in group])):
                 layer.current_weight = rows.view_as(layer.weight)
+        for layer in self.layers:
+            if not layer.traditional:  # forced only: the stored weight itself, already normalized above
+                layer.current_weight = layer.normalized_weight(dtype)
 
     def span(self, layers: list[WeightNormalized]) -> torch.Tensor:
         """The prepared weights of consecutive layers of one group as one (sum of out, fan_in) matrix (a view)."""

@@ -11,195 +11,38 @@ Every write goes to a temporary sibling (``NAME.tmp-<pid>``) that is fsynced and
 final name; leftovers named ``*.tmp-*`` are ignored by the listing functions.
 """
 
-import contextlib
+import json
 import os
-import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from mpdit.errors import MPDiTError
+from mpdit.model.dit import MPDiT, load_model
+
+# The file helpers live on the ground floor (mpdit/files.py); imported here for the callers of this module.
+from mpdit.files import (  # noqa: F401
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_safetensors,
+    load_torch,
+    read_safetensors_metadata,
+    save_safetensors,
+    save_torch,
+)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TRAIN_CONFIG = "train_config.json"  # the training options of a run (mpdit.training.train.TrainConfig)
+STATE_FILE = "training_state.pt"  # a checkpoint's optimizer and RNG state and step
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    """fsync a file or a directory entry table (best effort for directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and os.replace it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_path(path.parent, directory=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode(encoding))
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory atomically: yields an empty temp sibling ``FINAL.tmp-<pid>`` to fill.
-
-    On normal exit every file in it is fsynced and it is renamed to ``final``; an existing
-    ``final`` is renamed aside (``FINAL.old-<pid>``), the new one renamed in, then the old one
-    deleted. If the body raises, the temp dir is deleted and the exception propagates.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)  # leftover of an earlier crash of a process with the same pid
-    tmp.mkdir()
-    old = None
-    try:
-        yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync_path(Path(root) / name)
-            _fsync_path(Path(root), directory=True)
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            _remove(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None and old.exists() and not final.exists():
-            os.replace(old, final)  # put the previous version back
-        _remove(tmp)
-        raise
-    _fsync_path(final.parent, directory=True)
-    if old is not None:
-        _remove(old)
-
-
-# ----------------------------------------------------------------------------- file formats
-
-
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise MPDiTError(f"no checkpoint file at {path}")
-    if not path.is_file():
-        raise MPDiTError(f"checkpoint path {path} is not a file")
-
-
-def _corrupt(path: Path, error: BaseException) -> MPDiTError:
-    reason = (str(error).strip().splitlines() or [""])[0][:200]
-    return MPDiTError(f"checkpoint file {path} is corrupt or truncated ({type(error).__name__}): {reason}")
-
-
-def save_safetensors(
-    path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None
-) -> None:
-    """Atomically write tensors (any device) as safetensors; metadata values become strings.
-
-    Each tensor is stored as a contiguous CPU clone, so tied/shared or strided tensors are fine
-    (a tied tensor is stored once per name and loads back as separate tensors).
-    """
-    tensors = {}
-    for name, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise MPDiTError(f"cannot save {name!r} to safetensors: it is a {type(value).__name__}, not a tensor")
-        tensors[name] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with _atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; MPDiTError if missing, corrupt or truncated."""
-    path = Path(path)
-    _require_file(path)
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as error:  # safetensors raises its own error types for bad headers/short data
-        raise _corrupt(path, error) from None
-
-
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata stored in a safetensors header (reads the header only)."""
-    path = Path(path)
-    _require_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as error:
-        raise _corrupt(path, error) from None
-
-
-def save_torch(path: str | os.PathLike, obj: object) -> None:
-    """Atomically torch.save ``obj`` (optimizer states, RNG states, counters)."""
-    with _atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_torch(path: str | os.PathLike, map_location: str | torch.device | None = "cpu", weights_only: bool = True):
-    """torch.load with ``weights_only=True`` (tensors, dicts, lists, numbers, strings: enough for
-    optimizer and RNG states); MPDiTError if missing, corrupt, or holding other Python objects."""
-    path = Path(path)
-    _require_file(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))  # a valid file with non-allowlisted objects
-        if refused:
-            raise MPDiTError(
-                f"checkpoint file {path} holds Python objects ({refused.group(1)}) that weights_only loading refuses; "
-                "load it with weights_only=False only if you trust its source"
-            ) from None
-        raise _corrupt(path, error) from None
-    except Exception as error:  # zip/pickle errors, EOFError, OSError on short reads, KeyError...
-        raise _corrupt(path, error) from None
 
 
 # ----------------------------------------------------------------------------- layout
@@ -223,6 +66,13 @@ def _list_step_dirs(folder: Path) -> list[tuple[int, Path]]:
         return []
     found = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return sorted(found)
+
+
+def is_training_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training run or one of its checkpoints (a step folder, a folder holding training
+    state): writing exported or rebuilt weights there would replace the weights a --resume continues from."""
+    path = Path(path)
+    return checkpoint_step(path) is not None or (path / STATE_FILE).exists() or (path / CHECKPOINTS).is_dir()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -258,6 +108,44 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p)
     return doomed
+
+
+# ----------------------------------------------------------------------------- loading a checkpoint's model
+
+
+def weight_files(checkpoint: Path) -> dict[str, str]:
+    """Weight choices present in a checkpoint: raw, ema (classic), sigma-S.SSS (power-function EMA)."""
+    files = {"raw": MODEL_FILE}
+    if (checkpoint / "ema.safetensors").is_file():
+        files["ema"] = "ema.safetensors"
+    for path in sorted(checkpoint.glob("ema-sigma-*.safetensors")):
+        files[path.stem.removeprefix("ema-")] = path.name
+    return files
+
+
+def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str = "cpu") -> tuple[MPDiT, Path, str]:
+    """The model of a run, checkpoints or step folder, with the chosen weights.
+
+    weights 'auto' takes the power-function EMA with the largest sigma_rel if there is one, else the raw weights.
+    """
+    checkpoint = resolve_checkpoint(path)
+    files = weight_files(checkpoint)
+    if weights == "auto":
+        power = [name for name in files if name.startswith("sigma-")]
+        weights = power[-1] if power else "raw"
+    if weights not in files:
+        raise MPDiTError(f"checkpoint {checkpoint} has no '{weights}' weights: choose one of {', '.join(files)}")
+    return load_model(checkpoint, files[weights], device), checkpoint, weights
+
+
+def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
+    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
+    if given:
+        return given
+    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (folder / TRAIN_CONFIG).is_file():
+            return json.loads((folder / TRAIN_CONFIG).read_text())["data"]
+    return "mnist"
 
 
 # ----------------------------------------------------------------------------- RNG state

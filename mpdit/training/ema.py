@@ -359,6 +359,9 @@ def posthoc_plan(
     usable = [snap for snap in snapshots if snap[0] <= out_step]
     if not usable or out_step < 1:
         raise MPDiTError(f"no EMA snapshot at or before step {out_step}; the first is at step {snapshots[0][0]}")
+    if out_step > snapshots[-1][0]:
+        raise MPDiTError(f"step {out_step} is past the last EMA snapshot (step {snapshots[-1][0]}): the averages after "
+                         f"it were never recorded; choose a step up to {snapshots[-1][0]}")
     steps, sigmas = [s for s, _, _ in usable], [g for _, g, _ in usable]
     coefs = posthoc_coefficients(steps, sigmas, out_step, sigma_rel)
     error = posthoc_fit_error(steps, sigmas, out_step, sigma_rel, coefs)

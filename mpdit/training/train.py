@@ -20,18 +20,21 @@ from torch.nn.parallel import DistributedDataParallel
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError, dataclass_from_dict
+from mpdit.files import remove_path
 from mpdit.model.config import DiTConfig
 from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
-from mpdit.training.ema import ClassicEMA, PowerFunctionEMA, save_snapshot
+from mpdit.training.ema import SNAPSHOTS, ClassicEMA, PowerFunctionEMA, save_snapshot, snapshot_path
+from mpdit.training.guard import DivergenceGuard, json_safe, require_finite
+from mpdit.training.rundir import RunLock, remove_leftovers, trim_log
 from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.telemetry import Telemetry
 
-TRAIN_CONFIG = "train_config.json"
+TRAIN_CONFIG = ckpt.TRAIN_CONFIG
 # Optimizer settings per family (DESIGN.md section 4): DiT's, or the paper's for weight-normalized MP models.
 DIT_OPTIMIZER = dict(lr=1e-4, schedule="constant", betas=(0.9, 0.999), warmup_steps=0)
 MP_OPTIMIZER = dict(lr=1e-2, schedule="edm2", betas=(0.9, 0.99))
-STATE_FILE = "training_state.pt"
+STATE_FILE = ckpt.STATE_FILE
 
 
 @dataclass
@@ -63,6 +66,7 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the model; None: on CUDA only (see compile_default)
     device: str = "auto"
     progress: bool = True
+    max_bad_steps: int = 10  # stop after this many steps in a row skipped for a non-finite loss or gradient
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -76,6 +80,16 @@ class TrainConfig:
         for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise MPDiTError(f"{name} must be >= 0")
+        if not self.lr > 0:
+            raise MPDiTError(f"the learning rate must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise MPDiTError(f"betas must be two numbers in [0, 1) ('b1,b2', e.g. 0.9,0.99), got {self.betas}")
+        if self.weight_decay < 0 or (self.grad_clip is not None and not self.grad_clip > 0):
+            raise MPDiTError("weight decay must be >= 0 and the gradient clip (if given) > 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise MPDiTError(f"the EMA decay must be in (0, 1) (0 on the command line disables it), got {self.ema_decay}")
+        if self.max_bad_steps < 1:
+            raise MPDiTError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -177,8 +191,9 @@ class Trainer:
     """Owns the model, optimizer, EMAs and run directory; `run()` trains to cfg.steps."""
 
     def __init__(self, run_dir: Path, model_cfg: DiTConfig, cfg: TrainConfig, resume: bool = False,
-                 data: ImageDataset | None = None):
-        """``data``: the training split already in memory (fitted to the model's size here); else cfg.data is loaded."""
+                 data: ImageDataset | None = None, from_step: int | None = None):
+        """``data``: the training split already in memory (fitted to the model's size here); else cfg.data is loaded.
+        ``from_step``: with ``resume``, continue from that checkpoint rather than the newest."""
         self.run_dir, self.model_cfg, self.cfg = Path(run_dir), model_cfg, cfg
         self.dist = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)  # model init
@@ -187,13 +202,15 @@ class Trainer:
         self.check_data_fits_model()
         self.model = MPDiT(model_cfg).to(self.dist.device)
         self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
+        # fused (make_optimizer): its kernel reads optimizer.found_inf, so the divergence guard skips without a sync
         self.optimizer = make_optimizer(weight_decay_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas)
         self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.t_ref)
         self.ema = ClassicEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
         self.step = 0
+        self.guard = DivergenceGuard(self.dist.device)
         if resume:
-            self.load_latest()
+            self.load_latest(from_step)
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
         net = self.ddp or self.model
         self.compiled = compile_default(cfg.compile, self.dist.device)
@@ -234,11 +251,48 @@ class Trainer:
         if not torch.equal(low, high):
             raise RuntimeError(f"ranks out of sync at step {self.step}: parameter checksums {low.tolist()} vs {high.tolist()}")
 
+    def require_finite_state(self, what: str) -> None:
+        """MPDiTError (on every rank) if the weights or an EMA hold a NaN or an infinity: such a state is never saved."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        if self.power_ema:
+            for sigma_rel in self.power_ema.sigma_rels:
+                tensors.update({f"ema-sigma-{sigma_rel:.3f}.{k}": v for k, v in self.power_ema.shadow(sigma_rel).items()})
+        last = ckpt.latest_checkpoint(self.run_dir)
+        require_finite(tensors, f"the {what} of step {self.step}",
+                       f"; the training diverged: the newest checkpoint is {last}" if last else "")
+
     def save_checkpoint(self) -> Path | None:
-        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones."""
+        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones.
+
+        A state with non-finite tensors is refused before anything is written (so pruning never removes the
+        last finite checkpoint)."""
         self.check_ranks_in_sync()
+        self.require_finite_state("checkpoint")
         if not self.dist.is_main:
             return None
+        with self.reporting_write_errors(ckpt.checkpoint_dir(self.run_dir, self.step)):
+            self.write_checkpoint()
+        if self.cfg.keep_checkpoints:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return ckpt.checkpoint_dir(self.run_dir, self.step)
+
+    @contextlib.contextmanager
+    def reporting_write_errors(self, path: Path):
+        """An OSError (disk full, read-only folder...) while writing ``path`` becomes a one-line MPDiTError saying
+        which path, why, and which checkpoint is intact."""
+        try:
+            yield
+        except OSError as error:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise MPDiTError(f"could not write {path} ({error.strerror or error}); "
+                             + (f"the newest intact checkpoint is {last}" if last else "no checkpoint was written yet")
+                             + f": free space or fix the folder, then --resume {self.run_dir}") from None
+
+    def write_checkpoint(self) -> None:
+        """The files of RUN_DIR/checkpoints/step-NNNNNNN (built in a temp folder, renamed in whole), then the
+        step's power-EMA snapshots when they go with checkpoints."""
         with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
             ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
             (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
@@ -253,17 +307,35 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "power_ema_updates": self.power_ema.num_updates if self.power_ema else 0,
                 "rng": ckpt.capture_rng_state(),
+                "skipped_steps": self.guard.counts()[1],
             })
         if self.power_ema and self.step > 0 and not self.cfg.snapshot_every:
             save_snapshot(self.run_dir, self.step, self.power_ema)
-        if self.cfg.keep_checkpoints:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
-        return ckpt.checkpoint_dir(self.run_dir, self.step)
 
-    def load_latest(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+    def load_latest(self, from_step: int | None = None) -> None:
+        """Load the newest checkpoint (or the one of ``from_step``). If it is damaged, the error names the newest
+        older checkpoint that loads, to resume from with --from-step."""
+        found = ckpt.list_checkpoints(self.run_dir)
+        if not found:
             raise MPDiTError(f"nothing to resume in {self.run_dir}: no checkpoints/step-NNNNNNN folder")
+        if from_step is not None and from_step not in dict(found):
+            raise MPDiTError(f"{self.run_dir} has no checkpoint of step {from_step} "
+                             f"(it has: {', '.join(str(step) for step, _ in found)})")
+        candidates = [path for step, path in found if from_step is None or step <= from_step]
+        try:
+            self.load_checkpoint(candidates[-1])
+        except MPDiTError as error:
+            for older in reversed(candidates[:-1]):
+                try:
+                    self.load_checkpoint(older)
+                except MPDiTError:
+                    continue
+                raise MPDiTError(f"{error}; the previous checkpoint {older} is intact: "
+                                 f"resume from it with --resume {self.run_dir} --from-step {self.step}") from None
+            raise
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Model, optimizer, EMAs, RNG state and step from one checkpoint folder."""
         device = self.dist.device
         load_state_dict_checked(self.model, ckpt.load_safetensors(path / ckpt.MODEL_FILE, device), str(path))
         state = ckpt.load_torch(path / STATE_FILE, map_location=device)
@@ -277,6 +349,7 @@ class Trainer:
                             for s in self.power_ema.sigma_rels]})
         ckpt.restore_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.guard = DivergenceGuard(device, skipped=int(state.get("skipped_steps", 0)))
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -306,23 +379,67 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         else:  # the norm alone: no pass over the gradients to scale them by 1
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        stats = {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
+        if self.dist.world_size > 1:  # average the logged figures over ranks (and agree on the guard's flag)
+            packed = torch.stack(list(stats.values()))
+            dist.all_reduce(packed)
+            stats = dict(zip(stats, packed / self.dist.world_size))
+        self.optimizer.found_inf = self.guard.found_inf(stats["loss"], grad_norm)  # 1: the step changes nothing
         self.optimizer.step()
         self.step += 1
         if self.ema:
             self.ema.update(self.model)
         if self.power_ema:
             self.power_ema.update(self.model)
-        stats = {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach()}
-        if self.dist.world_size > 1:  # average the logged figures over ranks
-            packed = torch.stack(list(stats.values()))
-            dist.all_reduce(packed)
-            stats = dict(zip(stats, packed / self.dist.world_size))
         return stats | {"grad_norm": grad_norm.detach()}
 
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self, sample_grid=None) -> Path | None:
-        """Train from self.step to cfg.steps; log, checkpoint, and call sample_grid(trainer) when due."""
+        """Train from self.step to cfg.steps; log, checkpoint, and call sample_grid(trainer) when due.
+
+        The main process holds the run folder's lock (rundir.RunLock) throughout, and first repairs what a killed
+        process left (repair_run_dir). A run resumed at its last step draws its final grid again."""
+        if not self.dist.is_main:
+            return self._train(sample_grid)
+        with RunLock(self.run_dir):
+            self.repair_run_dir()
+            start = self.step
+            last = self._train(sample_grid)
+            if sample_grid is not None and start == self.cfg.steps > 0:
+                sample_grid(self)  # a kill during the final grid left none
+            return last
+
+    def repair_run_dir(self) -> None:
+        """Before training (lock held): delete killed writers' temp files; set aside the checkpoints after the step
+        resumed from (--from-step); rewrite that step's power-EMA snapshots if a kill lost them; cut log.jsonl back
+        to that step. A new run (step 0) with no checkpoint starts the log and the snapshots afresh."""
+        remove_leftovers(self.run_dir)
+        found = ckpt.list_checkpoints(self.run_dir)
+        for step, path in found:
+            if self.step and step > self.step:
+                aside = path.with_name(f"{path.name}.discarded")
+                remove_path(aside)
+                os.replace(path, aside)
+                print(f"set aside {path} (after the resumed step {self.step}) as {aside.name}")
+        if self.power_ema and self.step > 0 and self.step % (self.cfg.snapshot_every or self.step) == 0:
+            if not all(snapshot_path(self.run_dir, self.step, s).is_file() for s in self.power_ema.sigma_rels):
+                save_snapshot(self.run_dir, self.step, self.power_ema)
+        if self.step == 0 and not found:
+            for path in (self.run_dir / SNAPSHOTS).glob("step-*"):
+                path.unlink()  # left by a run killed before its first checkpoint
+        trim_log(self.run_dir, self.step)
+
+    def check_divergence(self, streak: int, skipped: int) -> None:
+        """MPDiTError once the last cfg.max_bad_steps steps were all skipped (``DivergenceGuard.counts``)."""
+        if streak >= self.cfg.max_bad_steps:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise MPDiTError(
+                f"training diverged: the loss or gradient norm was not finite for the last {streak} steps (to step "
+                f"{self.step}; {skipped} skipped in all), so they changed nothing; "
+                + (f"the newest checkpoint is {last}. " if last else "") + "Train again with a lower --lr")
+
+    def _train(self, sample_grid) -> Path | None:
         cfg, main = self.cfg, self.dist.is_main
         self.write_run_files()
         log = open(self.run_dir / "log.jsonl", "a") if main else None
@@ -343,11 +460,14 @@ class Trainer:
                 if first_compiled and main:  # the first step of a compiled model includes its compilation
                     print(f"compiled the training step: first step took {time.perf_counter() - started:.1f} s",
                           flush=True)
-                if cfg.snapshot_every and self.power_ema and self.step % cfg.snapshot_every == 0 and main:
-                    save_snapshot(self.run_dir, self.step, self.power_ema)
                 due = lambda every: bool(every) and self.step % every == 0  # noqa: E731
-                if main and (due(cfg.log_every) or record or self.step == cfg.steps):
-                    stats = {k: float(v) for k, v in stats.items()}
+                snapshot = bool(cfg.snapshot_every and self.power_ema) and due(cfg.snapshot_every)
+                logged = due(cfg.log_every) or record or self.step == cfg.steps
+                synchronised = logged or snapshot or due(cfg.ckpt_every)  # steps that read the device anyway
+                if synchronised:
+                    streak, skipped = self.guard.counts()
+                if main and logged:
+                    stats = {k: float(v) for k, v in stats.items()} | {"skipped_steps": skipped}
                     now = time.perf_counter()
                     rate = (self.step - last_step) * cfg.batch_size / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
@@ -355,11 +475,19 @@ class Trainer:
                              "images_per_s": round(rate, 2), "time": time.time()}
                     if record:
                         entry["telemetry"] = self.telemetry.report()
-                    log.write(json.dumps(entry) + "\n")
+                    log.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
                     log.flush()
                     if bar is not None:
                         average = (self.step - start_step) * cfg.batch_size / max(now - start_time, 1e-9)
                         bar.set_postfix_str(f"{average:.0f} images/s, loss {stats['loss']:.4f}", refresh=False)
+                if synchronised:
+                    self.check_divergence(streak, skipped)
+                if snapshot and main:
+                    require_finite({f"sigma-{s:.3f}.{k}": v for s, shadow in zip(self.power_ema.sigma_rels,
+                                                                                self.power_ema.shadows)
+                                    for k, v in shadow.items()}, f"the power-EMA snapshot of step {self.step}")
+                    with self.reporting_write_errors(self.run_dir / SNAPSHOTS):
+                        save_snapshot(self.run_dir, self.step, self.power_ema)
                 if bar is not None:
                     bar.update(1)
                     if self.step == cfg.steps:
