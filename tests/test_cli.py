@@ -110,3 +110,22 @@ def test_thread_plan(busy, threads, chosen, expected, says):
 def test_busy_cores_measures_the_machine():
     busy, cores = busy_cores(interval=0.05)
     assert cores >= 1 and 0 <= busy <= cores + 0.5
+
+
+def test_library_does_not_import_the_command_line():
+    """The layers import downward: nothing outside mpdit/cli imports mpdit.cli."""
+    import ast
+    from pathlib import Path
+
+    import mpdit
+
+    root = Path(mpdit.__file__).parent
+    upward = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            upward += [f"{path.relative_to(root)}: {name}" for name in names if name.startswith("mpdit.cli")]
+    assert not upward, upward

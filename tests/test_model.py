@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdit.cli.params import count_params
+from mpdit.model.dit import count_params
 from mpdit.errors import MPDiTError
 from mpdit.model import MP_SWITCHES, DiTConfig, MPDiT, build_model, load_model
 from mpdit.model.convert import from_official, infer_config, load_official_checkpoint, load_official_state_dict, \

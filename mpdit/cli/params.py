@@ -2,17 +2,9 @@
 
 import json
 
-import torch
-
 from mpdit.model.config import DiTConfig, mp_label, parse_mp
-from mpdit.model.dit import MPDiT
+from mpdit.model.dit import count_params
 from mpdit.nn.modulation import CONDITIONINGS
-
-
-def count_params(config: DiTConfig) -> int:
-    """sum(p.numel()) over the model's parameters, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        return MPDiT(config).num_params()
 
 
 def param_table(model: str, mp_specs: list[str], conditionings: list[str], **overrides) -> list[dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
-from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, save_grid, save_npz
+from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, device_of, generate, save_grid, save_npz
 from mpdit.diffusion.sampling import SAMPLERS
 from mpdit.errors import MPDiTError
 from mpdit.model.convert import load_official_checkpoint
@@ -52,12 +52,6 @@ def check_counts(args) -> None:
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise MPDiTError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
-
-
-def device_of(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def add_sampling_options(parser, num: int, steps: int) -> None:

@@ -16,6 +16,13 @@ from mpdit.model.dit import MPDiT, compile_default
 DEFAULT_CFG_SCALE = 4.0
 
 
+def device_of(name: str) -> str:
+    """'auto' -> 'cuda' where a GPU is available, else 'cpu'; any other name as it is."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 @torch.no_grad()
 def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
              seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",

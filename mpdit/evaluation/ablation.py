@@ -21,13 +21,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpdit.cli.eval import evaluate
-from mpdit.cli.params import count_params
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
+from mpdit.evaluation.evaluate import evaluate
 from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
+from mpdit.model.dit import count_params
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs

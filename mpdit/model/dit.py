@@ -379,6 +379,12 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         return sum(p.numel() for p in self.parameters())
 
 
+def count_params(config: DiTConfig) -> int:
+    """sum(p.numel()) over the model's parameters, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return MPDiT(config).num_params()
+
+
 def compile_default(compile_model: bool | None, device: torch.device) -> bool:
     """Whether to torch.compile: as asked, else on CUDA (where an eager step is bound by kernel launches) and not on
     CPU (compiling takes minutes there for a gain of about 1.2x, docs/performance.md)."""
