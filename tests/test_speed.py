@@ -62,11 +62,13 @@ def test_grouped_forced_normalization_equals_per_layer_normalize():
     assert all(torch.allclose(w, e, atol=1e-7) for w, e in zip(weights, expected))
 
 
-def test_model_forward_equals_each_layer_alone():
+@pytest.mark.parametrize("stack", [True, False])
+def test_model_forward_equals_each_layer_alone(stack):
     """The bank computes every layer's weight together; each layer computing its own gives the same network."""
     torch.manual_seed(0)
     model = build_model("DiT-Nano/2", input_size=8, in_channels=2, num_classes=5, mp="all",
                         conditioning="scale-rotation-gate")
+    model.weight_norm.stack = stack
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -82,10 +84,12 @@ def test_model_forward_equals_each_layer_alone():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_training_forward_applies_forced_normalization_to_every_weight_once():
+@pytest.mark.parametrize("stack", [True, False])
+def test_training_forward_applies_forced_normalization_to_every_weight_once(stack):
     torch.manual_seed(0)
     layers = [MPLinear(16, 8), MPLinear(16, 4, learned_gain=0.5), MPLinear(32, 8)]
     bank = WeightNormBank(layers)
+    bank.stack = stack
     with torch.no_grad():
         for layer in layers:
             layer.weight.mul_(3.0)
@@ -100,9 +104,11 @@ def test_training_forward_applies_forced_normalization_to_every_weight_once():
     assert all(layer.current_weight is None for layer in layers)
 
 
+@pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("mp", ["all", "forced_weight_norm"])
-def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp):
+def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp, stack):
     model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp=mp)
+    model.weight_norm.stack = stack
     layers = [m for m in model.modules() if isinstance(m, (MPLinear, MPEmbedding)) and m.forced]
     with torch.no_grad():
         for layer in layers:
@@ -112,9 +118,11 @@ def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp):
     assert layers and all(torch.allclose(layer.weight, e, atol=1e-7) for layer, e in zip(layers, expected))
 
 
-def test_eval_cache_follows_weights_written_in_place_or_replaced():
+@pytest.mark.parametrize("stack", [True, False])
+def test_eval_cache_follows_weights_written_in_place_or_replaced(stack):
     model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp="all",
                         conditioning="scale-shift-gate").eval()
+    model.weight_norm.stack = stack
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -131,6 +139,30 @@ def test_eval_cache_follows_weights_written_in_place_or_replaced():
         state["final_layer.linear.gain"] = state["final_layer.linear.gain"] * 2
         model.load_state_dict(state, assign=True)  # new parameter objects
         assert torch.allclose(model(x, t, y), second, atol=1e-6)
+
+
+def test_stacked_and_per_layer_weight_normalization_train_the_same_network():
+    """The GPU path (each fan-in group stacked) and the CPU path (each layer alone) agree step for step."""
+    runs = []
+    for stack in (True, False):
+        torch.manual_seed(0)
+        model = build_model("DiT-Nano/2", input_size=8, in_channels=2, num_classes=5, mp="all",
+                            conditioning="scale-rotation-gate")
+        model.weight_norm.stack = stack
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        x, t, y = torch.randn(4, 2, 8, 8, generator=gen), torch.tensor([1, 90, 500, 999]), torch.tensor([0, 1, 4, 5])
+        losses = []
+        for _ in range(3):
+            loss = model(x, t, y).square().mean() + sum(p.square().sum() for p in model.parameters() if p.ndim == 0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    assert all(torch.allclose(state_a[k], state_b[k], atol=1e-4) for k in state_a)
 
 
 def test_kernel_counts_are_deterministic_and_within_the_targets():

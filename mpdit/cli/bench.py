@@ -5,10 +5,11 @@ Training step: forward, backward, optimizer step and EMA update on one batch. Sa
 guided network evaluation (conditional + unconditional halves) in eval mode under no_grad.
 Ratios are to the baseline row of the same run. A benchmark, not a test: it asserts nothing.
 With --count-ops each row also gives the number of kernel-launching operations in one training step and
-one sampling step (see mpdit/evaluation/kernels.py): the same on every machine, and on a GPU, where a
-small model's step is bound by kernel launches, it tracks the time.
+one sampling step (see mpdit/evaluation/kernels.py), counted on the code path a GPU takes: the same on every
+machine, and on a GPU, where a small model's step is bound by kernel launches, it tracks the time.
 """
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -73,17 +74,32 @@ class Bench:
     def parameters(self) -> int:
         return self.model.num_params()
 
+    @contextlib.contextmanager
+    def gpu_code_path(self):
+        """Weight normalization stacked per group, as on CUDA, whatever the device (WeightNormBank.stacking)."""
+        bank = self.model.weight_norm
+        if bank is not None:
+            bank.stack = True
+        try:
+            yield
+        finally:
+            if bank is not None:
+                bank.stack = None
+
     def saved_mb(self) -> float:
-        """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py)."""
-        return saved_bytes(self.train_loss, self.model.parameters()) / 2**20
+        """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py),
+        on the GPU code path."""
+        with self.gpu_code_path():
+            return saved_bytes(self.train_loss, self.model.parameters()) / 2**20
 
     def kernels(self) -> tuple[int, int]:
-        """Kernel-launching operations of one training step and of one sampling step, each in steady state
-        (the optimizer's state exists; sampling reuses the normalized weights from the step before)."""
-        self.train_step()
-        train = count_kernels(self.train_step).total
-        self.sample_step()
-        return train, count_kernels(self.sample_step).total
+        """Kernel-launching operations of one training step and of one sampling step on the GPU code path, each
+        in steady state (the optimizer's state exists; sampling reuses the normalized weights of the step before)."""
+        with self.gpu_code_path():
+            self.train_step()
+            train = count_kernels(self.train_step).total
+            self.sample_step()
+            return train, count_kernels(self.sample_step).total
 
 
 def synchronize(device: torch.device) -> None:

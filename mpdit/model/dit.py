@@ -322,11 +322,11 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         """Every block's and the final layer's coefficients from the condition c (N, D): one matmul for all
         projections, and each coefficient computed for all blocks at once."""
         projections, n, depth = self.projections, c.shape[0], len(self.blocks)
-        if self.config.has("weight_norm"):  # prepared side by side by the weight-norm bank
-            out = F.linear(c, self.weight_norm.span([p.proj for p in projections]))
+        stacked = self.weight_norm.span([p.proj for p in projections]) if self.config.has("weight_norm") else None
+        if stacked is not None:  # the weight-norm bank prepared them side by side: one matmul
+            out = F.linear(c, stacked)
         else:
-            out = F.linear(c, torch.cat([p.proj.weight for p in projections]),
-                           torch.cat([p.proj.bias for p in projections]))  # (N, all widths)
+            out = torch.cat([p.proj(c) for p in projections], dim=-1)  # (N, all widths)
         final = projections[-1]
         blocks, last = out.split([out.shape[1] - sum(final.widths), sum(final.widths)], dim=-1)
         first = projections[0]

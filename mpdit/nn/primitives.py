@@ -225,6 +225,8 @@ class WeightNormBank(nn.Module):
     weight; then each layer's normalized weight, handed to it in `current_weight` (views of one tensor per
     group, in the autocast dtype). In eval mode under no_grad the weights are reused until a parameter
     changes (in place, or replaced). release() (at the end) drops the handed-out weights.
+    `stack`: True stacks each group, False treats each layer alone (same formulas, see stacking());
+    None (default) stacks on CUDA only.
     """
 
     def __init__(self, layers: list[WeightNormalized]):
@@ -251,7 +253,7 @@ class WeightNormBank(nn.Module):
             self.register_buffer(f"row_scale{i}", scale, persistent=False)
             self.register_buffer(f"gain_index{i}", torch.cat(index)[:, None], persistent=False)
         self.register_buffer("one", torch.ones(1), persistent=False)
-        self._cache, self.stacked = None, None
+        self._cache, self.stacked, self.stack = None, None, None
 
     def row_scale(self, i: int) -> torch.Tensor:
         """(R, 1): the constant scale times the learned gain of each row of group i."""
@@ -265,26 +267,48 @@ class WeightNormBank(nn.Module):
         tensors = [p for layer in self.layers for p in (layer.weight, layer.gain) if p is not None]
         return (dtype, *((id(t), t.data_ptr(), t._version) for t in tensors))
 
+    def stacking(self) -> bool:
+        """Whether prepare() stacks each group: `stack` if set, else on CUDA. Stacking launches a few large kernels
+        per group instead of several per layer (a GPU's bound); it copies the weights into the stack and the
+        gradients out of it, which on a CPU, bound by memory traffic, costs more than the launches it saves."""
+        return self.layers[0].weight.is_cuda if self.stack is None else self.stack
+
     def prepare(self, dtype: torch.dtype, training: bool) -> None:
+        stack = self.stacking()
         if training:
             for scale, group in self.forced_groups:
-                force_normalize_([layer.weight for layer in group], scale)
+                if stack:
+                    force_normalize_([layer.weight for layer in group], scale)
+                else:
+                    for layer in group:
+                        force_normalize_([layer.weight], scale)
         cacheable = not (training or torch.is_grad_enabled() or torch.compiler.is_compiling())
-        if cacheable and self._cache is not None and self._cache[0] == self._version(dtype):
-            self.stacked = self._cache[1]
+        key = (stack, self._version(dtype))
+        if cacheable and self._cache is not None and self._cache[0] == key:
+            self.stacked, weights = self._cache[1]
         else:
-            self.stacked = [GroupedWeightNorm.apply(self.row_scale(i), dtype, *(layer.weight for layer in group))
-                            for i, group in enumerate(self.groups)]  # (R, F) per group
-            self._cache = (self._version(dtype), self.stacked) if cacheable else None
-        for group, stacked in zip(self.groups, self.stacked):
-            for layer, rows in zip(group, stacked.split([layer.weight.shape[0] for layer in group])):
-                layer.current_weight = rows.view_as(layer.weight)
+            if stack:
+                self.stacked = [GroupedWeightNorm.apply(self.row_scale(i), dtype, *(layer.weight for layer in group))
+                                for i, group in enumerate(self.groups)]  # (R, F) per group
+                weights = []
+                for group, stacked in zip(self.groups, self.stacked):
+                    rows = stacked.split([layer.weight.shape[0] for layer in group])
+                    weights += [r.view_as(layer.weight) for r, layer in zip(rows, group)]
+            else:
+                self.stacked = None
+                weights = [layer.normalized_weight(dtype) for group in self.groups for layer in group]
+            self._cache = (key, (self.stacked, weights)) if cacheable else None
+        for layer, weight in zip((layer for group in self.groups for layer in group), weights):
+            layer.current_weight = weight
         for layer in self.layers:
             if not layer.traditional:  # forced only: the stored weight itself, already normalized above
                 layer.current_weight = layer.normalized_weight(dtype)
 
-    def span(self, layers: list[WeightNormalized]) -> torch.Tensor:
-        """The prepared weights of consecutive layers of one group as one (sum of out, fan_in) matrix (a view)."""
+    def span(self, layers: list[WeightNormalized]) -> torch.Tensor | None:
+        """The prepared weights of consecutive layers of one group as one (sum of out, fan_in) matrix (a view);
+        None when this forward did not stack them."""
+        if self.stacked is None:
+            return None
         group = next(i for i, g in enumerate(self.groups) if layers[0] in g)
         first = self.groups[group].index(layers[0])
         if tuple(self.groups[group][first:first + len(layers)]) != tuple(layers):
