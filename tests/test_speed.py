@@ -68,7 +68,7 @@ def test_model_forward_equals_each_layer_alone(stack):
     torch.manual_seed(0)
     model = build_model("DiT-Nano/2", input_size=8, in_channels=2, num_classes=5, mp="all",
                         conditioning="scale-rotation-gate")
-    model.weight_norm.stack = stack
+    model.stack_weights = stack
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -89,12 +89,11 @@ def test_training_forward_applies_forced_normalization_to_every_weight_once(stac
     torch.manual_seed(0)
     layers = [MPLinear(16, 8), MPLinear(16, 4, learned_gain=0.5), MPLinear(32, 8)]
     bank = WeightNormBank(layers)
-    bank.stack = stack
     with torch.no_grad():
         for layer in layers:
             layer.weight.mul_(3.0)
     before = [layer.weight.clone() for layer in layers]
-    bank.prepare(torch.float32, training=True)
+    bank.prepare(torch.float32, training=True, stack=stack)
     for layer, w in zip(layers, before):
         assert torch.allclose(layer.weight, normalize(w), atol=1e-7)
         rms = layer.weight.pow(2).mean(dim=1).sqrt()
@@ -108,7 +107,7 @@ def test_training_forward_applies_forced_normalization_to_every_weight_once(stac
 @pytest.mark.parametrize("mp", ["all", "forced_weight_norm"])
 def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp, stack):
     model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp=mp)
-    model.weight_norm.stack = stack
+    model.stack_weights = stack
     layers = [m for m in model.modules() if isinstance(m, (MPLinear, MPEmbedding)) and m.forced]
     with torch.no_grad():
         for layer in layers:
@@ -122,7 +121,7 @@ def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp, stack
 def test_eval_cache_follows_weights_written_in_place_or_replaced(stack):
     model = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp="all",
                         conditioning="scale-shift-gate").eval()
-    model.weight_norm.stack = stack
+    model.stack_weights = stack
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -141,14 +140,16 @@ def test_eval_cache_follows_weights_written_in_place_or_replaced(stack):
         assert torch.allclose(model(x, t, y), second, atol=1e-6)
 
 
-def test_stacked_and_per_layer_weight_normalization_train_the_same_network():
-    """The GPU path (each fan-in group stacked) and the CPU path (each layer alone) agree step for step."""
+@pytest.mark.parametrize("mp,conditioning", [("all", "scale-rotation-gate"), ("none", "adaln-zero")])
+def test_stacked_and_per_layer_paths_train_the_same_network(mp, conditioning):
+    """The GPU path (weights stacked per fan-in group, projections in one matmul) and the CPU path (each layer
+    alone) agree step for step."""
     runs = []
     for stack in (True, False):
         torch.manual_seed(0)
-        model = build_model("DiT-Nano/2", input_size=8, in_channels=2, num_classes=5, mp="all",
-                            conditioning="scale-rotation-gate")
-        model.weight_norm.stack = stack
+        model = build_model("DiT-Nano/2", input_size=8, in_channels=2, num_classes=5, mp=mp,
+                            conditioning=conditioning)
+        model.stack_weights = stack
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(1)
         x, t, y = torch.randn(4, 2, 8, 8, generator=gen), torch.tensor([1, 90, 500, 999]), torch.tensor([0, 1, 4, 5])

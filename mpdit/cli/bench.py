@@ -76,15 +76,12 @@ class Bench:
 
     @contextlib.contextmanager
     def gpu_code_path(self):
-        """Weight normalization stacked per group, as on CUDA, whatever the device (WeightNormBank.stacking)."""
-        bank = self.model.weight_norm
-        if bank is not None:
-            bank.stack = True
+        """Weights stacked as on CUDA, whatever the device (MPDiT.stacking)."""
+        self.model.stack_weights = True
         try:
             yield
         finally:
-            if bank is not None:
-                bank.stack = None
+            self.model.stack_weights = None
 
     def saved_mb(self) -> float:
         """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py),

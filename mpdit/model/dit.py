@@ -284,6 +284,7 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         layers = [m for m in self.modules() if isinstance(m, WeightNormalized) and m not in last]
         layers += [m for m in last if isinstance(m, WeightNormalized)]
         self.weight_norm = WeightNormBank(layers) if layers else None
+        self.stack_weights: bool | None = None  # see stacking()
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
@@ -318,15 +319,24 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         c = mp_sum(t_emb, y_emb, 0.5) if self.config.has("mp_embedding") else t_emb + y_emb
         return tokens, self.act(c)
 
+    def stacking(self, device: torch.device) -> bool:
+        """Whether a forward stacks weights: each fan-in group's weight normalization in one pass, and all modulation
+        projections in one matmul. `stack_weights` if set, else on CUDA: stacking launches a few large kernels
+        instead of many small ones (a GPU's bound) but copies the weights into the stack and the gradients out of
+        it, which on a CPU, bound by memory traffic, costs more than the launches it saves."""
+        return device.type == "cuda" if self.stack_weights is None else self.stack_weights
+
     def conditioning(self, c: torch.Tensor) -> tuple[list[dict], tuple]:
         """Every block's and the final layer's coefficients from the condition c (N, D): one matmul for all
         projections, and each coefficient computed for all blocks at once."""
         projections, n, depth = self.projections, c.shape[0], len(self.blocks)
-        stacked = self.weight_norm.span([p.proj for p in projections]) if self.config.has("weight_norm") else None
-        if stacked is not None:  # the weight-norm bank prepared them side by side: one matmul
-            out = F.linear(c, stacked)
-        else:
+        if not self.stacking(c.device):
             out = torch.cat([p.proj(c) for p in projections], dim=-1)  # (N, all widths)
+        elif self.config.has("weight_norm"):  # the weight-norm bank prepared them side by side
+            out = F.linear(c, self.weight_norm.span([p.proj for p in projections]))
+        else:
+            out = F.linear(c, torch.cat([p.proj.weight for p in projections]),
+                           torch.cat([p.proj.bias for p in projections]))
         final = projections[-1]
         blocks, last = out.split([out.shape[1] - sum(final.widths), sum(final.widths)], dim=-1)
         first = projections[0]
@@ -348,7 +358,8 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, t, y)
         if self.weight_norm is not None:  # every layer's normalized weight, computed together
-            self.weight_norm.prepare(autocast_dtype(x.device, self.pos_embed.dtype), self.training)
+            self.weight_norm.prepare(autocast_dtype(x.device, self.pos_embed.dtype), self.training,
+                                     self.stacking(x.device))
         tokens, c = self.embed(x, t, y)
         block_coefficients, final_coefficients = self.conditioning(c)
         for block, k in zip(self.blocks, block_coefficients):

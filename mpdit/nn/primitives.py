@@ -225,8 +225,7 @@ class WeightNormBank(nn.Module):
     weight; then each layer's normalized weight, handed to it in `current_weight` (views of one tensor per
     group, in the autocast dtype). In eval mode under no_grad the weights are reused until a parameter
     changes (in place, or replaced). release() (at the end) drops the handed-out weights.
-    `stack`: True stacks each group, False treats each layer alone (same formulas, see stacking());
-    None (default) stacks on CUDA only.
+    `stack`: True stacks each group, False treats each layer alone (the same formulas; MPDiT.stacking says when).
     """
 
     def __init__(self, layers: list[WeightNormalized]):
@@ -253,7 +252,7 @@ class WeightNormBank(nn.Module):
             self.register_buffer(f"row_scale{i}", scale, persistent=False)
             self.register_buffer(f"gain_index{i}", torch.cat(index)[:, None], persistent=False)
         self.register_buffer("one", torch.ones(1), persistent=False)
-        self._cache, self.stacked, self.stack = None, None, None
+        self._cache, self.stacked = None, None
 
     def row_scale(self, i: int) -> torch.Tensor:
         """(R, 1): the constant scale times the learned gain of each row of group i."""
@@ -267,14 +266,7 @@ class WeightNormBank(nn.Module):
         tensors = [p for layer in self.layers for p in (layer.weight, layer.gain) if p is not None]
         return (dtype, *((id(t), t.data_ptr(), t._version) for t in tensors))
 
-    def stacking(self) -> bool:
-        """Whether prepare() stacks each group: `stack` if set, else on CUDA. Stacking launches a few large kernels
-        per group instead of several per layer (a GPU's bound); it copies the weights into the stack and the
-        gradients out of it, which on a CPU, bound by memory traffic, costs more than the launches it saves."""
-        return self.layers[0].weight.is_cuda if self.stack is None else self.stack
-
-    def prepare(self, dtype: torch.dtype, training: bool) -> None:
-        stack = self.stacking()
+    def prepare(self, dtype: torch.dtype, training: bool, stack: bool) -> None:
         if training:
             for scale, group in self.forced_groups:
                 if stack:
