@@ -16,7 +16,7 @@ from mpdit.training.ema import list_snapshots
 from mpdit.training.guard import DivergenceGuard, json_safe
 from mpdit.training.rundir import LOCK_FILE, RunLock, remove_leftovers, trim_log
 from mpdit.training.train import STATE_FILE, Trainer
-from test_train import configs, main_raise, read_log, weights
+from test_train import configs, killed_run, main_raise, read_log, weights
 
 
 def strict_log(run_dir) -> list[dict]:
@@ -194,21 +194,6 @@ def test_kill_before_the_first_checkpoint_allows_a_fresh_run(tmp_path, tiny_idx,
     assert [e["step"] for e in strict_log(run)] == [1, 2]  # the old log was not appended to
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
     assert [s for s, _sigma, _p in list_snapshots(run)] == [2, 2]  # the killed run's snapshots 1-3 are gone
-
-
-def killed_run(run, model_cfg, cfg, monkeypatch, at_step):
-    """Train until ``at_step`` steps are done, then die as a kill would (KeyboardInterrupt in the next step)."""
-    original = Trainer.train_step
-
-    def dying_step(self, record):
-        if self.step == at_step:
-            raise KeyboardInterrupt
-        return original(self, record)
-
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(run, model_cfg, cfg).run()
-    monkeypatch.setattr(Trainer, "train_step", original)
 
 
 def test_resume_repairs_log_snapshots_and_lock(tmp_path, tiny_idx, monkeypatch):

@@ -77,24 +77,32 @@ def test_log_has_telemetry_and_checkpoint_layout(tmp_path, tiny_idx):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 12]
 
 
+def killed_run(run, model_cfg, cfg, monkeypatch, at_step, before_death=None):
+    """Train until ``at_step`` steps are done, then die as a kill would (KeyboardInterrupt in the next step),
+    after ``before_death()`` if given (e.g. to leave a half-written checkpoint behind)."""
+    original = Trainer.train_step
+
+    def dying_step(self, record):
+        if self.step == at_step:
+            if before_death is not None:
+                before_death()
+            raise KeyboardInterrupt
+        return original(self, record)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run, model_cfg, cfg).run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_idx, monkeypatch):
     model_cfg, cfg = configs(tiny_idx)
     Trainer(tmp_path / "whole", model_cfg, cfg).run()
 
     # a run killed during step 7: its last checkpoint is step 4, and a half-written one is left behind
     killed = tmp_path / "killed"
-    original = Trainer.train_step
-
-    def dying_step(self, record):
-        if self.step == 6:
-            (killed / "checkpoints" / "step-0000008.tmp-999").mkdir(parents=True)
-            raise KeyboardInterrupt
-        return original(self, record)
-
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(killed, model_cfg, cfg).run()
-    monkeypatch.setattr(Trainer, "train_step", original)
+    killed_run(killed, model_cfg, cfg, monkeypatch, 6,
+               before_death=lambda: (killed / "checkpoints" / "step-0000008.tmp-999").mkdir(parents=True))
     assert [s for s, _ in ckpt.list_checkpoints(killed)] == [4]
 
     resumed = Trainer(killed, model_cfg, cfg, resume=True)
