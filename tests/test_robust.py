@@ -313,11 +313,12 @@ def test_a_failing_checkpoint_write_names_the_path_and_keeps_the_previous_one(tm
 # ----------------------------------------------------------------------------- a real fault: kill -9
 
 
-# The `mpdit` command with every safetensors write slowed down (a slow disk), so a kill lands inside one.
+# The `mpdit` command with every safetensors write slowed down (a slow disk): each temp file stays 0.15 s
+# before it is renamed into place, so a kill lands inside the write.
 SLOW_DISK = """import sys, time
-import mpdit.training.checkpoint as c, mpdit.training.ema as e
-write = c.save_safetensors
-c.save_safetensors = e.save_safetensors = lambda *a, **k: (time.sleep(0.15), write(*a, **k))[1]
+import mpdit.files as f
+write = f.save_file
+f.save_file = lambda *a, **k: (write(*a, **k), time.sleep(0.15))[0]
 from mpdit.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
