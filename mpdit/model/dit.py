@@ -202,7 +202,10 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.ops = conditioning_ops(cfg.conditioning)
         self.gate_offset = 0.0 if cfg.conditioning == "adaln-zero" else 1.0  # DiT's gate starts at 0, MP's at 1
-        self.mp_residual, self.balance = cfg.has("mp_residual"), cfg.residual_balance
+        self.mp_residual = cfg.has("mp_residual")
+        t = cfg.residual_balance  # mp_sum(x, b, t) = x (1 - t) / c + b t / c, c = sqrt((1 - t)^2 + t^2)
+        c = math.sqrt((1 - t) ** 2 + t**2)
+        self.stream_weight, self.branch_weight = (1 - t) / c, t / c
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
@@ -220,19 +223,16 @@ class DiTBlock(nn.Module):
             return None
         if not self.mp_residual:
             return gate if self.gate_offset == 0 else gate + self.gate_offset
-        t = self.balance
-        weight = t / math.sqrt((1 - t) ** 2 + t**2)
+        weight = self.branch_weight
         return torch.add(self.gate_offset * weight, gate, alpha=weight)  # (offset + gate) t / c
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, coefficient: torch.Tensor | None) -> torch.Tensor:
         """x + g * branch, or mp_sum(x, g * branch, t) = x (1-t)/c + branch (g t/c); coefficient from branch_coefficient."""
         if not self.mp_residual:
             return x + branch if coefficient is None else torch.addcmul(x, branch, coefficient)
-        t = self.balance
-        c = math.sqrt((1 - t) ** 2 + t**2)
         if coefficient is None:
-            return torch.add(x * ((1 - t) / c), branch, alpha=t / c)
-        return torch.addcmul(x * ((1 - t) / c), branch, coefficient)
+            return torch.add(x * self.stream_weight, branch, alpha=self.branch_weight)
+        return torch.addcmul(x * self.stream_weight, branch, coefficient)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, coefficients: dict | None = None) -> torch.Tensor:
         """x (N, T, D) and the condition c (N, D), or instead its coefficients (MPDiT.conditioning, all blocks at once)."""
