@@ -1,8 +1,10 @@
 """`mpdit ablate` and `mpdit plot`: tiny grids, skip and resume, results files, plots, grid-file errors."""
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ def log_length(folder) -> int:
     return len((folder / "log.jsonl").read_text().splitlines())
 
 
-def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx):
+def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx, capsys):
     lines = run_grid(tmp_path, ROWS, budget(tiny_idx))
     with open(tmp_path / "results.csv") as f:
         records = list(csv.DictReader(f))
@@ -48,6 +50,19 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx):
     before = log_length(tmp_path / "runs/dit/seed-0")
     run_grid(tmp_path, ROWS, budget(tiny_idx))
     assert log_length(tmp_path / "runs/dit/seed-0") == before
+    # a finished run carried without its weights (as a committed grid folder is) keeps its records
+    first = (tmp_path / "results.csv").read_text()
+    for run in (tmp_path / "runs").glob("*/seed-*"):
+        shutil.rmtree(run / "checkpoints")
+        shutil.rmtree(run / "ema_snapshots")
+    run_grid(tmp_path, ROWS, budget(tiny_idx))
+    assert (tmp_path / "results.csv").read_text() == first
+    assert log_length(tmp_path / "runs/dit/seed-0") == before
+    # records of another protocol do not stand for this one: with no weights left, the run is trained again
+    run_grid(tmp_path, ROWS[:1], dataclasses.replace(budget(tiny_idx), seeds=1, cfg_scales=(2.0,)))
+    with open(tmp_path / "results.csv") as f:
+        assert [r["cfg_scale"] for r in csv.DictReader(f)] == ["2.0"]
+    assert "dit seed 0: training to step 4 (new)" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_single_seed_rows_show_no_spread():

@@ -8,7 +8,9 @@ change against the first row and the number of standard errors between them.
 
 Resumable: a trained run (checkpoint at the budget's steps) is not trained again, an interrupted one resumes
 from its last checkpoint, an evaluation already written with the budget's protocol is not redone. Layout:
-OUT/runs/<row>/seed-<s>/ (a normal training run; its evaluations in checkpoints/step-N/eval-cfgG.json),
+OUT/runs/<row>/seed-<s>/ (a normal training run; its evaluations in checkpoints/step-N/eval-cfgG.json, all of
+them together in records.json: a run whose records.json holds the budget's protocol is done, so OUT without
+its checkpoints/ and ema_snapshots/ folders carries a grid's finished runs to another machine or session),
 OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
 OUT/results.md, and at the end OUT/curves.png (with more than one evaluated step).
 """
@@ -213,8 +215,24 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) ->
     return result
 
 
+def records_protocol(budget: Budget) -> dict:
+    """What a run's records.json must match to stand for this budget's evaluation of the run."""
+    return {"steps": budget.steps, "evaluated_steps": budget.evaluated_steps, "cfg_scales": list(budget.cfg_scales),
+            "eval_num": budget.eval_num, "sampler": budget.sampler, "sample_steps": budget.sample_steps,
+            "classifier": classifier_name(budget.classifier)}
+
+
+def finished_records(folder: Path, budget: Budget) -> list[dict] | None:
+    """The records of RUN/records.json when it holds this budget's protocol (the run is done), else None."""
+    path = folder / "records.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["records"] if saved.get("protocol") == records_protocol(budget) else None
+
+
 def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget) -> list[dict]:
-    """One result record per evaluated step and guidance scale of a trained run."""
+    """One result record per evaluated step and guidance scale of a trained run; also written to RUN/records.json."""
     model_cfg, train_cfg = read_run_configs(folder)
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     rates = [entry["images_per_s"] for entry in log[1:]] or [log[-1]["images_per_s"]]
@@ -234,6 +252,8 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget) -> list[dict
                 "images_per_s": round(statistics.median(rates), 1),
                 "loss": next((entry["loss"] for entry in reversed(log) if entry["step"] <= step), None),
                 "classifier": result["protocol"]["classifier"]["weights"]})
+    atomic_write_text(folder / "records.json",
+                      json.dumps({"protocol": records_protocol(budget), "records": records}, indent=1))
     return records
 
 
@@ -387,8 +407,11 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget) -> list[dict]:
     for row in rows:  # results are rewritten after every run, so an unfinished grid shows what it has
         for seed in range(row.seeds or budget.seeds):
             folder = run_dir(out, row, seed)
-            train_run(folder, row, seed, budget)
-            records += evaluate_run(folder, row, seed, budget)
+            done = finished_records(folder, budget)
+            if done is None:
+                train_run(folder, row, seed, budget)
+                done = evaluate_run(folder, row, seed, budget)
+            records += done
             best = write_results(out, records, budget, baseline=names[0])
     if records and len(budget.evaluated_steps) > 1:
         from mpdit.evaluation.plots import plot_curves
