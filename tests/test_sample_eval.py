@@ -1,11 +1,13 @@
 """`mpdit sample`, `mpdit eval` and `mpdit quickstart` on a tiny trained run: outputs, determinism, errors."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from mpdit.cli import quickstart
 from mpdit.cli.main import build_parser, main
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
@@ -96,7 +98,7 @@ def test_eval_shows_one_progress_bar_over_all_batches(run_dir, tmp_path, capsys)
 
 def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     qs = tmp_path / "qs"
-    base = ["quickstart", "--out", str(qs), "--grid-num", "10", "--eval-num", "20"]
+    base = ["quickstart", "--out", str(qs), "--grid-num", "10", "--eval-num", "20", "--no-compile"]
     assert main(base + ["--steps", "2"]) == 0
     captured = capsys.readouterr()
     assert "training the default model for 2 steps" in captured.out
@@ -111,6 +113,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert protocol["num_samples"] == 20 and protocol["cfg_scale"] == 6.0
     train_cfg = json.loads((qs / "train_config.json").read_text())
     assert train_cfg["min_snr_gamma"] == 5 and train_cfg["steps"] == 2  # the quickstart recipe, --steps honoured
+    assert train_cfg["compile"] is False  # --no-compile reached training
 
     # a second call finds the finished run and its finished stages: nothing is trained, sampled or evaluated again
     files = [qs / "log.jsonl", qs / "samples" / "quickstart.png", qs / "samples" / "quickstart.npz", qs / "eval.json"]
@@ -137,6 +140,18 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     # a smaller --steps cannot undo training
     with pytest.raises(MPDiTError, match="already trained to 4 steps: --steps 3 cannot go back"):
         call(base + ["--steps", "3"])
+
+
+def test_quickstart_compiles_where_a_compiler_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert not quickstart.can_compile()
+    monkeypatch.setenv("CXX", sys.executable)  # any executable stands for a compiler here
+    assert quickstart.can_compile()
+    argv, plan = quickstart.training_plan(tmp_path / "qs", None, compiled=True)
+    assert "--compile" in argv and f"for {quickstart.QUICKSTART_STEPS:,} steps" in plan and "min" in plan
+    argv, _ = quickstart.training_plan(tmp_path / "qs", None, compiled=False)
+    assert "--no-compile" in argv
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript stand-in for Inception

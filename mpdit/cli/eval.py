@@ -82,7 +82,8 @@ def reference_stats(feature_fn, resolution: int, *, reference: str | None = None
 def fid_protocol(model: MPDiT, decode=None, *, num: int = 10_000, cfg_scale: float = 1.5, seed: int = 0,
                  batch_size: int = 250, out_dir: str | Path = ".", reference: str | None = None,
                  reference_npz: str | None = None, reference_max: int = 50_000, inception_weights: str | None = None,
-                 feature_module=None, dist: Distributed | None = None, progress: bool = True) -> dict | None:
+                 feature_module=None, dist: Distributed | None = None, progress: bool = True,
+                 compile_model: bool | None = None) -> dict | None:
     """The paper's FID protocol (module doc); returns {"metrics", "protocol", "npz"} on rank 0, None elsewhere.
 
     ``decode``: model outputs -> uint8 images (a LatentDecoder; None for pixel models). ``feature_module``:
@@ -97,7 +98,7 @@ def fid_protocol(model: MPDiT, decode=None, *, num: int = 10_000, cfg_scale: flo
     start = time.perf_counter()
     images = generate(model, labels[first * batch_size:last * batch_size], sampler="ddpm", steps=250,
                       cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, device=dist.device,
-                      progress=progress and dist.is_main, decode=decode, first_batch=first)
+                      progress=progress and dist.is_main, decode=decode, first_batch=first, compile_model=compile_model)
     if dist.world_size > 1:
         import torch.distributed as torch_dist
 
@@ -133,7 +134,8 @@ def run_protocol(args) -> int:
     result = fid_protocol(model, decode, num=PROTOCOLS[args.protocol] if args.num is None else args.num, cfg_scale=args.cfg_scale,
                           seed=args.seed, batch_size=args.batch_size, out_dir=out.parent, reference=args.reference,
                           reference_npz=args.reference_npz, reference_max=args.reference_num,
-                          inception_weights=args.inception_weights, dist=dist, progress=not args.json)
+                          inception_weights=args.inception_weights, dist=dist, progress=not args.json,
+                          compile_model=args.compile)
     if result is None:
         return 0
     result["protocol"] = {"name": args.protocol, **source, **result["protocol"]}
@@ -176,7 +178,8 @@ def run(args) -> int:
     result = evaluate(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       data=args.data, inception=args.inception, inception_weights=args.inception_weights,
-                      baseline=not args.no_baseline, progress=not args.json, classifier=args.classifier)
+                      baseline=not args.no_baseline, progress=not args.json, classifier=args.classifier,
+                      compile_model=args.compile)
     out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -73,6 +73,8 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the network (default: on CUDA, off on CPU)")
 
 
 def run(args) -> int:
@@ -101,8 +103,6 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", default="all", help="'all' (default: 0..K-1 in turn), 'random', or '3,5,7'")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: min(classes, 10))")
     parser.add_argument("--out", default="samples.png", help="grid PNG path; PATH.npz is written beside it")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the network (default: on CUDA, off on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(func=run)

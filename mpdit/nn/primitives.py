@@ -137,7 +137,9 @@ class WeightNormalized(nn.Module):
         """The learned gain of each row, (out,), or None without a learned gain."""
         if self.gain is None:
             return None
-        return self.gain.reshape(-1)[self.gain_index]
+        if self.gain.ndim == 0:  # one gain: a broadcast view (indexing's scatter backward trips inductor's CPU codegen)
+            return self.gain.expand(len(self.gain_index))
+        return self.gain[self.gain_index]
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight this layer's forward multiplies by: the one its model's WeightNormBank prepared for this
