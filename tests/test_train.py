@@ -170,12 +170,27 @@ def test_train_on_mixed_size_folder_decodes_it_once(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["input_size"] == 8
 
 
-@pytest.mark.parametrize("precision,compile_model", [("bf16", False), ("fp32", True)])
-def test_bf16_and_compile_paths(tmp_path, tiny_idx, precision, compile_model):
-    model_cfg, cfg = configs(tiny_idx, steps=4, precision=precision, compile=compile_model, ckpt_every=0)
+def test_bf16_path(tmp_path, tiny_idx):
+    model_cfg, cfg = configs(tiny_idx, steps=4, precision="bf16", ckpt_every=0)
     Trainer(tmp_path, model_cfg, cfg).run()
     log = read_log(tmp_path)
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+
+
+def test_compiled_training_trains_the_eager_weights(tmp_path, tiny_idx):
+    """Forced normalization mutates the weights inside the compiled forward; the label table is the layer where a
+    lost mutation showed (torch 2.13 dropped a foreach copy into parameters: rows zeroed, others not normalized)."""
+    for compiled in (False, True):
+        model_cfg, cfg = configs(tiny_idx, steps=4, compile=compiled, ckpt_every=4, telemetry_every=2)
+        Trainer(tmp_path / str(compiled), model_cfg, cfg).run()
+    eager, compiled = weights(tmp_path / "False"), weights(tmp_path / "True")
+    worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager)
+    print(f"largest weight difference, compiled vs eager after 4 steps: {worst:.2e}")
+    assert worst < 1e-4
+    table = compiled["y_embedder.embedding_table.weight"]
+    # rows at RMS 1, moved off it only by the last optimizer step
+    assert torch.allclose(table.square().mean(dim=1).sqrt(), torch.ones(len(table)), atol=1e-2)
+    assert len(read_log(tmp_path / "True")[-1]["telemetry"]["act_rms"]) == model_cfg.depth  # hooks ran
 
 
 def test_two_processes_match_one(tmp_path, tiny_idx):

@@ -195,51 +195,94 @@ def make_modulation(cfg: DiTConfig, ops: tuple[str, ...], suffixes: tuple[str, .
                                forced=cfg.has("forced_weight_norm"))
 
 
+def residual_scales(cfg: DiTConfig, depth: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """How a network of `depth` blocks carries an mp_residual stream: divided by S_k = w^k after its k-th mp_sum
+    (w = (1 - t) / c, mp_sum's stream weight), so that mp_sum(x, g b, t) = w x + (t / c) g b becomes one
+    multiply-add y + g b (t / c) / S_(k+1) on the carried y = x / S_k; S_k is folded into the coefficients of
+    what reads the stream (its modulation; nothing before a scale-free LayerNorm). Returns S_k and
+    (t / c) / S_(k+1) for each block's two sums, (1, depth, 2, 1) each, and w; None without mp_residual.
+    """
+    if not cfg.has("mp_residual"):
+        return None
+    t = cfg.residual_balance
+    c = math.sqrt((1 - t) ** 2 + t**2)
+    w = (1 - t) / c
+    k = torch.arange(2 * depth, dtype=torch.float64).view(1, depth, 2, 1)
+    return (w**k).float(), (t / c / w ** (k + 1)).float(), w
+
+
+def folds_stream_scale(cfg: DiTConfig) -> bool:
+    """Whether the carried stream's scale is folded into the modulation (no LayerNorm, which ignores it, reads it)."""
+    return cfg.has("mp_residual") and cfg.has("no_layernorm")
+
+
+def per_block(coefficients: dict, depth: int) -> list[tuple[dict, dict]]:
+    """Coefficients of `depth` blocks, tensors (N, depth, 2, ...) -> each block's (msa, mlp) coefficients, tensors
+    (N, 1, ...). One unbind per tensor, whose backward stacks the 2 depth gradients in one kernel."""
+    leaves, spec = tree_flatten(coefficients)
+    parts = [v.unsqueeze(3).flatten(1, 2).unbind(1) if torch.is_tensor(v) else [v] * (2 * depth) for v in leaves]
+    trees = [tree_unflatten([part[i] for part in parts], spec) for i in range(2 * depth)]
+    return list(zip(trees[0::2], trees[1::2]))
+
+
 class DiTBlock(nn.Module):
-    """x = x (+) gate1 * attn(mod1(norm(x))); x = x (+) gate2 * mlp(mod2(norm(x))), (+) = + or mp_sum."""
+    """x = x (+) gate1 * attn(mod1(norm(x))); x = x (+) gate2 * mlp(mod2(norm(x))), (+) = + or mp_sum.
+
+    With mp_residual the stream inside the block (and between the blocks of MPDiT) is carried divided by the
+    product of mp_sum's stream weights so far (residual_scales): each mp_sum is then one multiply-add.
+    """
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.ops = conditioning_ops(cfg.conditioning)
         self.gate_offset = 0.0 if cfg.conditioning == "adaln-zero" else 1.0  # DiT's gate starts at 0, MP's at 1
-        self.mp_residual = cfg.has("mp_residual")
-        t = cfg.residual_balance  # mp_sum(x, b, t) = x (1 - t) / c + b t / c, c = sqrt((1 - t)^2 + t^2)
-        c = math.sqrt((1 - t) ** 2 + t**2)
-        self.stream_weight, self.branch_weight = (1 - t) / c, t / c
+        self.fold_stream_scale = folds_stream_scale(cfg)
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.modulation = make_modulation(cfg, self.ops, ("_msa", "_mlp"))
+        self.widths = self.modulation.widths[:len(self.ops)]  # one sum's projections (msa's, then mlp's)
+        stream_scale, branch_scale, weight = residual_scales(cfg, 1) or (None, None, 1.0)
+        self.output_scale = weight**2
+        self.register_buffer("stream_scale", stream_scale, persistent=False)  # for a block used alone
+        self.register_buffer("branch_scale", branch_scale, persistent=False)
 
-    def coefficients(self, vectors: dict[str, torch.Tensor]) -> dict:
-        """Modulation and residual coefficients from projection vectors (N, L, width): any number L of blocks at once."""
-        return {"msa": modulation_coefficients(vectors, "_msa"), "mlp": modulation_coefficients(vectors, "_mlp"),
-                "gate_msa": self.branch_coefficient(vectors.get("gate_msa")),
-                "gate_mlp": self.branch_coefficient(vectors.get("gate_mlp"))}
+    def coefficients(self, rows: torch.Tensor, stream_scale: torch.Tensor | None,
+                     branch_scale: torch.Tensor | None) -> dict:
+        """Modulation and residual coefficients of L blocks at once from their projections rows (N, L, 2 W)
+        (per block: msa's, then mlp's), as tensors (N, L, 2, ...); the scales (1, L, 2, 1) of residual_scales."""
+        vectors = dict(zip(self.ops, rows.unflatten(-1, (2, -1)).split(self.widths, dim=-1)))  # (N, L, 2, width)
+        if self.fold_stream_scale:
+            stream_scale = stream_scale.to(rows.dtype)
+        return {"modulation": modulation_coefficients(vectors, input_scale=stream_scale if self.fold_stream_scale
+                                                      else None),
+                "gate": self.branch_coefficient(vectors.get("gate"), branch_scale)}
 
-    def branch_coefficient(self, gate: torch.Tensor | None) -> torch.Tensor | None:
-        """What the residual multiplies the branch by: g = gate_offset + gate, times mp_sum's t / c with mp_residual."""
+    def branch_coefficient(self, gate: torch.Tensor | None, branch_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """What the residual multiplies the branch by: g = gate_offset + gate, and with mp_residual times
+        branch_scale, mp_sum's t / c over the stream's scale after the sum."""
+        if branch_scale is None:
+            return gate if gate is None or self.gate_offset == 0 else gate + self.gate_offset
+        branch_scale = branch_scale.to(gate.dtype if gate is not None else branch_scale.dtype)
         if gate is None:
-            return None
-        if not self.mp_residual:
-            return gate if self.gate_offset == 0 else gate + self.gate_offset
-        weight = self.branch_weight
-        return torch.add(self.gate_offset * weight, gate, alpha=weight)  # (offset + gate) t / c
+            return branch_scale
+        return torch.addcmul(branch_scale, gate, branch_scale) if self.gate_offset else gate * branch_scale
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, coefficient: torch.Tensor | None) -> torch.Tensor:
-        """x + g * branch, or mp_sum(x, g * branch, t) = x (1-t)/c + branch (g t/c); coefficient from branch_coefficient."""
-        if not self.mp_residual:
-            return x + branch if coefficient is None else torch.addcmul(x, branch, coefficient)
-        if coefficient is None:
-            return torch.add(x * self.stream_weight, branch, alpha=self.branch_weight)
-        return torch.addcmul(x * self.stream_weight, branch, coefficient)
+        """x + coefficient * branch (branch_coefficient): DiT's residual, or mp_sum on the carried stream."""
+        return x + branch if coefficient is None else torch.addcmul(x, branch, coefficient)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, coefficients: dict | None = None) -> torch.Tensor:
-        """x (N, T, D) and the condition c (N, D), or instead its coefficients (MPDiT.conditioning, all blocks at once)."""
-        k = coefficients if coefficients is not None else self.coefficients(self.modulation(c))
-        x = self.residual(x, self.attn(apply_modulation(self.norm1(x), k["msa"])), k["gate_msa"])
-        x = self.residual(x, self.mlp(apply_modulation(self.norm2(x), k["mlp"])), k["gate_mlp"])
-        return x  # (N, T, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, coefficients: tuple | None = None) -> torch.Tensor:
+        """x (N, T, D) and the condition c (N, D); or, inside MPDiT, the stream as MPDiT carries it and this block's
+        (msa, mlp) coefficients from MPDiT.conditioning."""
+        alone = coefficients is None
+        if alone:
+            rows = self.modulation.proj(c).unsqueeze(1)  # (N, 1, 2 W)
+            coefficients = per_block(self.coefficients(rows, self.stream_scale, self.branch_scale), 1)[0]
+        msa, mlp = coefficients
+        x = self.residual(x, self.attn(apply_modulation(self.norm1(x), msa["modulation"])), msa["gate"])
+        x = self.residual(x, self.mlp(apply_modulation(self.norm2(x), mlp["modulation"])), mlp["gate"])
+        return x * self.output_scale if alone and self.output_scale != 1 else x  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -285,6 +328,13 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         layers += [m for m in last if isinstance(m, WeightNormalized)]
         self.weight_norm = WeightNormBank(layers) if layers else None
         self.stack_weights: bool | None = None  # see stacking()
+        # the carried stream's scales (residual_scales); block_output_scales: what each block's output is times
+        stream_scale, branch_scale, weight = residual_scales(cfg, cfg.depth) or (None, None, 1.0)
+        self.register_buffer("stream_scale", stream_scale, persistent=False)
+        self.register_buffer("branch_scale", branch_scale, persistent=False)
+        self.block_output_scales = [weight ** (2 * (i + 1)) for i in range(cfg.depth)]
+        final_scale = torch.full((1, 1, 1), weight ** (2 * cfg.depth)) if folds_stream_scale(cfg) else None
+        self.register_buffer("final_scale", final_scale, persistent=False)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,
@@ -326,7 +376,7 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         it, which on a CPU, bound by memory traffic, costs more than the launches it saves."""
         return device.type == "cuda" if self.stack_weights is None else self.stack_weights
 
-    def conditioning(self, c: torch.Tensor) -> tuple[list[dict], tuple]:
+    def conditioning(self, c: torch.Tensor) -> tuple[list[tuple[dict, dict]], tuple]:
         """Every block's and the final layer's coefficients from the condition c (N, D): one matmul for all
         projections, and each coefficient computed for all blocks at once."""
         projections, n, depth = self.projections, c.shape[0], len(self.blocks)
@@ -339,14 +389,11 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
                            torch.cat([p.proj.bias for p in projections]))
         final = projections[-1]
         blocks, last = out.split([out.shape[1] - sum(final.widths), sum(final.widths)], dim=-1)
-        first = projections[0]
-        vectors = dict(zip(first.names, blocks.view(n, depth, -1).split(first.widths, dim=-1)))  # (N, L, width)
-        leaves, spec = tree_flatten(self.blocks[0].coefficients(vectors) if depth else {})
-        # (N, L, ...) -> L tensors (N, 1, ...): unbind's backward stacks the L gradients in one kernel
-        leaves = [v.unsqueeze(2).unbind(1) if torch.is_tensor(v) else [v] * depth for v in leaves]
-        per_block = [tree_unflatten([v[i] for v in leaves], spec) for i in range(depth)]
+        rows = blocks.view(n, depth, -1)  # (N, L, 2 W)
+        blocks_k = self.blocks[0].coefficients(rows, self.stream_scale, self.branch_scale) if depth else {}
         final_vectors = dict(zip(final.names, last.unsqueeze(1).split(final.widths, dim=-1)))
-        return per_block, modulation_coefficients(final_vectors)
+        final_scale = None if self.final_scale is None else self.final_scale.to(last.dtype)
+        return per_block(blocks_k, depth), modulation_coefficients(final_vectors, input_scale=final_scale)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W); token features ordered (p, q, c), tokens row-major."""

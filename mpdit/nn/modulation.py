@@ -51,24 +51,31 @@ def rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def modulation_coefficients(vectors: dict[str, torch.Tensor], suffix: str = "") -> tuple:
+def modulation_coefficients(vectors: dict[str, torch.Tensor], suffix: str = "",
+                            input_scale: torch.Tensor | None = None) -> tuple:
     """Per-sample coefficients of the present ones of scale, shift, rotation (keys `op + suffix`), in this order.
 
     Vectors (..., width) with any leading axes, so the coefficients of every block come from one call.
     Returns ("affine", a, b): x * a + b, either may be None; or ("rotation", M, r) for a rotation after
     scale and shift: channel pair (x1, x2) -> M (x1, x2) + r with the 2x2 matrices M = R(theta) diag(a1, a2),
     stored (..., 2, 2, D/2) as [[a1 cos, -a2 sin], [a1 sin, a2 cos]], and r = rotate(b, theta) (or None).
+    input_scale (broadcastable, last axis 1): the coefficients of modulating input_scale * x, the factor folded
+    into the multiplier (a, or M).
     """
     s, b, theta = (vectors.get(op + suffix) for op in ("scale", "shift", "rotation"))
-    a = None if s is None else 1 + s
+    if s is None:
+        a = input_scale
+    else:
+        a = 1 + s if input_scale is None else torch.addcmul(input_scale, s, input_scale)  # (1 + s) input_scale
     if theta is None:
         return "affine", a, b
     cos, sin = theta.cos(), theta.sin()
-    if a is None:
-        m = torch.stack([cos, -sin, sin, cos], dim=-2)
-    else:
+    m = torch.stack([cos, -sin, sin, cos], dim=-2)  # (..., 4, D/2)
+    if s is not None:
         a1, a2 = a.chunk(2, dim=-1)
-        m = torch.stack([cos, -sin, sin, cos], dim=-2) * torch.stack([a1, a2, a1, a2], dim=-2)
+        m = m * torch.stack([a1, a2, a1, a2], dim=-2)
+    elif input_scale is not None:
+        m = m * input_scale.unsqueeze(-1)
     return "rotation", m.unflatten(-2, (2, 2)), None if b is None else rotate(b, theta)
 
 

@@ -105,7 +105,12 @@ def force_normalize_(weights, scale: float) -> None:
     rows = normalize(stack_rows(weights), dim=1)
     if scale != 1:
         rows = rows * scale
-    torch._foreach_copy_([w.flatten(1) for w in weights], list(rows.split([w.shape[0] for w in weights])))
+    rows = [r.view_as(w) for r, w in zip(rows.split([w.shape[0] for w in weights]), weights)]
+    if torch.compiler.is_compiling():  # compiled (torch 2.13), a foreach copy into parameters is lost; copies fuse
+        for w, r in zip(weights, rows):
+            w.copy_(r)
+    else:
+        torch._foreach_copy_(list(weights), rows)  # one kernel
 
 
 class WeightNormalized(nn.Module):

@@ -26,7 +26,10 @@ class Telemetry:
             yield
             return
         self.activations = []
-        record = lambda _module, _inputs, output: self.activations.append(rms(output))  # noqa: E731
+
+        def record(block, _inputs, output):  # the stream as MPDiT carries it, times its scale (residual_scales)
+            self.activations.append(rms(output) * self.model.block_output_scales[len(self.activations)])
+
         handles = [block.register_forward_hook(record) for block in self.model.blocks]
         try:
             yield

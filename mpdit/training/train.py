@@ -214,6 +214,7 @@ class Trainer:
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
         net = self.ddp or self.model
         self.compiled = compile_default(cfg.compile, self.dist.device)
+        self.eager_forward = net
         self.forward = torch.compile(net) if self.compiled else net
         self.telemetry = Telemetry(self.model)
 
@@ -369,8 +370,9 @@ class Trainer:
                            else v[share].to(self.dist.device) for v in (x0, y, t, noise))
         set_lr(self.optimizer, self.schedule(self.step))
         self.model.train()
+        forward = self.eager_forward if record else self.forward  # a compiled graph runs no telemetry hooks
         with self.telemetry.recording(record), self.autocast():
-            losses = self.diffusion.training_losses(lambda x, s: self.forward(x, s, y), x0, t, noise,
+            losses = self.diffusion.training_losses(lambda x, s: forward(x, s, y), x0, t, noise,
                                                     min_snr_gamma=self.cfg.min_snr_gamma)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
