@@ -13,7 +13,7 @@ from mpdit.model import MP_SWITCHES, DiTConfig, MPDiT, build_model, load_model
 from mpdit.model.convert import from_official, infer_config, load_official_checkpoint, load_official_state_dict, \
     to_official
 from mpdit.nn.modulation import CONDITIONINGS, RotationModulation, modulate, rotate, scale, shift
-from mpdit.nn.primitives import MPLinear, MPSiLU, mp_silu, normalize
+from mpdit.nn.primitives import MPLinear, MPSiLU, mp_silu, mp_sum, normalize
 
 SMALL = dict(input_size=8, in_channels=2, num_classes=5)
 
@@ -85,6 +85,37 @@ def test_rotation_modulation_is_a_drop_in_module():
     assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
     with pytest.raises(MPDiTError, match="even"):
         RotationModulation(dim=15, cond_dim=8)
+
+
+def direct_mp_forward(model: MPDiT, x, t, y) -> torch.Tensor:
+    """The network written as DESIGN.md has it: x = mp_sum(x, (1 + gate) * branch(modulate(norm(x))), t) per sum,
+    every block and the final layer computing their own coefficients from c."""
+    tokens, c = model.embed(x, t, y)
+    for block in model.blocks:
+        v = block.modulation(c)
+        for suffix, norm, branch in (("_msa", block.norm1, block.attn), ("_mlp", block.norm2, block.mlp)):
+            out = branch(modulate(norm(tokens), v, suffix))
+            gate = v.get("gate" + suffix)
+            tokens = mp_sum(tokens, out if gate is None else (block.gate_offset + gate) * out,
+                            model.config.residual_balance)
+    return model.unpatchify(model.final_layer(tokens, c))
+
+
+@pytest.mark.parametrize("conditioning", ["scale-rotation-gate", "scale-shift-gate", "rotation", "shift-gate"])
+@pytest.mark.parametrize("mp", ["all", "mp_residual", "mp_residual,no_layernorm,weight_norm"])
+def test_carried_stream_computes_the_direct_mp_sums(conditioning, mp):
+    """MPDiT carries the mp_residual stream divided by mp_sum's stream weights (residual_scales); the network is
+    the direct form's: forward, and each block called alone."""
+    model = perturbed(build_model("DiT-Nano/2", mp=mp, conditioning=conditioning, **SMALL))
+    x, t, y = inputs(model.config)
+    with torch.no_grad():
+        direct = direct_mp_forward(model, x, t, y)
+        tolerance = 2e-6 * max(1.0, direct.abs().max().item())  # fp32 rounding, and a LayerNorm's eps
+        assert (model(x, t, y) - direct).abs().max() < tolerance
+        tokens, c = model.embed(x, t, y)
+        for block in model.blocks:
+            tokens = block(tokens, c)
+        assert (model.unpatchify(model.final_layer(tokens, c)) - direct).abs().max() < tolerance
 
 
 # --- switches -------------------------------------------------------------------------------
