@@ -5,7 +5,7 @@ Recipe: `mpdit train --min-snr-gamma 5 --steps 5000 --compile --out runs/quickst
 plus Min-SNR-5 loss weighting and 5,000 steps instead of 3,000); then a 100-image grid and a 1,000-sample
 evaluation, both with guidance 6 and the power-EMA weights (sigma_rel 0.10). Every stage is compiled
 (torch.compile) where it can be: on CUDA, or on a CPU with a C++ compiler (inductor builds C++ kernels), where
-it trains the default model about 1.4x faster after about 25 s of compiling; --no-compile runs eagerly.
+it trains the default model about 1.4x faster after 25-40 s of compiling; --no-compile runs eagerly.
 
 Run it again to go on where it stopped: an interrupted run is continued, a larger --steps continues a finished
 run to that many steps (as `mpdit train --resume OUT --steps N`) and then samples and evaluates the new model,
@@ -48,7 +48,7 @@ QUICKSTART_CFG_SCALE = 6.0
 STAGES_FILE = "quickstart.json"
 # Training throughput of the recipe measured on 2 quiet CPU cores (README), eager and compiled, for the estimate
 # printed at start.
-QUIET_IMAGES_PER_S = {False: 277, True: 420}
+QUIET_IMAGES_PER_S = {False: 277, True: 395}
 BATCH_SIZE = 64  # `mpdit train`'s default, which the recipe keeps
 
 
