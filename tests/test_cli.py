@@ -44,6 +44,21 @@ def test_unknown_model_is_a_one_line_error():
     assert "Traceback" not in result.stderr
 
 
+def test_a_failed_compilation_is_a_one_line_error(monkeypatch, capsys):
+    import torch._dynamo.exc
+    import mpdit.cli.params
+
+    def fail(args):
+        inner = RuntimeError("C++ compile error\nCommand: g++ ... (a long compiler log)")
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, inner, None)
+
+    monkeypatch.setattr(mpdit.cli.params, "run", fail)  # register() picks it up when main builds its parser
+    assert main(["params"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch.compile failed on this machine (RuntimeError: C++ compile error)" in err
+    assert "--no-compile" in err
+
+
 def test_bench_json_fields(capsys):
     assert main(["bench", "--model", "DiT-Nano/4", "--batch", "2", "--input-size", "8", "--num-classes", "10",
                  "--repeats", "2", "--warmup", "1", "--variants", "all:scale-rotation-gate", "--json"]) == 0

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+import torch
+
 from mpdit import __version__
 from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpdit: interrupted", file=sys.stderr)
         return 130
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no working C++ toolchain for a CPU
+        cause = getattr(error, "inner_exception", error)
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        print(f"mpdit: error: torch.compile failed on this machine ({type(cause).__name__}: {first[:200]}): run "
+              "again with --no-compile", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 
