@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU figures for docs/performance.md, in one go (about 5 minutes on one H100/H200): training and sampling
+# GPU figures for docs/performance.md, in one go (5-6 minutes on one H100/H200): training and sampling
 # step time and peak memory of the main variants against the DiT baseline (mpdit bench), eager and compiled,
-# then scripts/gpu_check.py (a short training run per variant). Runs from the checkout with the machine's
-# own PyTorch, nothing installed:
+# then scripts/gpu_check.py (compiled training checked against eager on the GPU, then a short training run per
+# variant). Runs from the checkout with the machine's own PyTorch, nothing installed:
 #     PYTHONPATH=. bash scripts/bench_gpu.sh [OUT_DIR]
 # SMOKE=1 runs the same commands on the CPU with a tiny model, to check the script itself.
 set -euo pipefail
@@ -28,4 +28,4 @@ bench s2-16-compiled --model "$s2" --input-size 16 --batch "$batch" --compile
 bench s2-32-eager --model "$s2" --input-size 32 --batch "$batch"
 bench xl2-32-eager --model "$xl2" --input-size 32 --batch "$xl_batch"
 echo "== gpu_check" >&2
-python3 scripts/gpu_check.py $check | tee "$out/gpu_check.jsonl"
+python3 scripts/gpu_check.py --check-compiled $check | tee "$out/gpu_check.jsonl"

@@ -6,7 +6,9 @@
 Variants: the DiT baseline (mp none, adaln-zero, lr 1e-4), all-MP scale-shift-gate and all-MP
 scale-rotation-gate (lr 1e-2, EDM2 schedule). Timing starts after --warmup steps; each line also gives the
 parameter count, peak and resident (between steps) GPU memory, the last loss and whether every loss was
-finite; a variant that fails prints {"variant", "error"} and the script exits with status 1.
+finite; a variant that fails prints {"variant", "error"} and the script exits with status 1. With
+--check-compiled a first line says whether compiled training gives the eager weights on the device (status 1 if
+not; about 30 s of compiling).
 """
 
 import argparse
@@ -72,6 +74,36 @@ def check(variant: str, args) -> dict:
             "all_finite": all(math.isfinite(v) for v in losses)}
 
 
+def compiled_matches_eager(args, steps: int = 4) -> dict:
+    """Train the same small all-MP model for a few steps eagerly and under torch.compile (fp32, the device's code path,
+    weights stacked on CUDA) and compare the weights: forced weight normalization mutates parameters inside the
+    compiled graph, which a torch release once got wrong (docs/design-notes.md, "Compilation")."""
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls on both sides, so rounding is all that differs
+    weights = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=10, mp="all",
+                            conditioning="scale-rotation-gate").to(device)
+        forward = torch.compile(model) if compiled else model
+        optimizer = make_optimizer(model.parameters(), 1e-2, (0.9, 0.99))
+        diffusion = GaussianDiffusion.dit(1000, learn_sigma=True)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x0 = torch.randn(8, 4, 8, 8, generator=gen).to(device)
+            y = torch.randint(0, 10, (8,), generator=gen).to(device)
+            t = torch.randint(0, 1000, (8,), generator=gen).to(device)
+            noise = torch.randn(8, 4, 8, 8, generator=gen).to(device)
+            loss = diffusion.training_losses(lambda x, s: forward(x, s, y), x0, t, noise)["loss"].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        weights.append({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    worst = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    return {"check": "compiled training equals eager", "device": str(device), "steps": steps,
+            "max_weight_difference": worst, "ok": worst < 1e-3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="DiT-S/2")
@@ -82,10 +114,16 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--check-compiled", action="store_true",
+                        help="first check that compiled training gives the eager weights (a small model, 4 steps)")
     args = parser.parse_args()
     if args.warmup is None:
         args.warmup = 20 if args.device.startswith("cuda") else 1
     failed = False
+    if args.check_compiled:
+        equal = compiled_matches_eager(args)
+        print(json.dumps(equal), flush=True)
+        failed = not equal["ok"]
     for variant in args.variants.split(","):
         try:
             line = check(variant, args)
