@@ -34,6 +34,8 @@ def log_length(folder) -> int:
 
 def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx, capsys):
     lines = run_grid(tmp_path, ROWS, budget(tiny_idx))
+    started = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if "training to step" in line]
+    assert started == ["[ablate] dit seed 0", "[ablate] mp-srg seed 0", "[ablate] dit seed 1", "[ablate] mp-srg seed 1"]
     with open(tmp_path / "results.csv") as f:
         records = list(csv.DictReader(f))
     assert [(r["row"], r["seed"]) for r in records] == [("dit", "0"), ("dit", "1"), ("mp-srg", "0"), ("mp-srg", "1")]
@@ -48,10 +50,14 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx, ca
     b = ckpt.load_safetensors(ckpt.latest_checkpoint(tmp_path / "runs/dit/seed-1") / "model.safetensors")
     assert not torch.equal(a["final_layer.linear.weight"], b["final_layer.linear.weight"])
     before = log_length(tmp_path / "runs/dit/seed-0")
-    run_grid(tmp_path, ROWS, budget(tiny_idx))
-    assert log_length(tmp_path / "runs/dit/seed-0") == before
-    # a finished run carried without its weights (as a committed grid folder is) keeps its records
     first = (tmp_path / "results.csv").read_text()
+    # --only: the named rows are trained (here: already finished), every finished row is still reported
+    run_grid(tmp_path, ROWS + [Row("mp-ssg", "all", "scale-shift-gate")], budget(tiny_idx), only={"dit"})
+    assert log_length(tmp_path / "runs/dit/seed-0") == before and not (tmp_path / "runs/mp-ssg").exists()
+    assert (tmp_path / "results.csv").read_text() == first
+    with pytest.raises(MPDiTError, match="no grid row is named nope: the rows are dit, mp-srg"):
+        run_grid(tmp_path, ROWS, budget(tiny_idx), only={"nope"})
+    # a finished run carried without its weights (as a committed grid folder is) keeps its records
     for run in (tmp_path / "runs").glob("*/seed-*"):
         shutil.rmtree(run / "checkpoints")
         shutil.rmtree(run / "ema_snapshots")

@@ -37,16 +37,13 @@ def run(args) -> int:
         rows = PRESETS[args.preset](args.main_seeds, args.switch_seeds)
     else:
         rows, file_budget = load_grid(args.grid)
-    if args.only:
-        wanted = set(args.only.split(","))
-        rows = [row for row in rows if row.name in wanted]
     if args.shared_lr is not None:
         rows = [replace(row, lr=args.shared_lr, schedule=args.shared_schedule) for row in rows]
     if args.lr_sweep:
         rows = with_lr_sweep(rows, list(args.lr_sweep))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
     budget = dataclass_from_dict(Budget, {**file_budget, **given}, "budget option")
-    best = run_grid(args.out, rows, budget)
+    best = run_grid(args.out, rows, budget, only=set(args.only.split(",")) if args.only else None)
     table = Path(args.out) / "results.md"
     print(table.read_text())
     print(f"{len(best)} rows; results in {Path(args.out) / 'results.csv'} and {table}")
@@ -60,7 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument("--grid", default=None,
                         help="JSON file: a list of rows {name, mp, conditioning, attention_output, lr, schedule, "
                              "warmup_steps, seeds, timestep_input}, or {budget, rows} (docs/grids/)")
-    parser.add_argument("--only", default=None, help="comma list of row names to run")
+    parser.add_argument("--only", default=None, help="comma list of the rows to train and evaluate; the results "
+                        "still report every finished run of the grid in --out")
     parser.add_argument("--out", required=True, help="grid folder")
     parser.add_argument("--model", default=None, help=f"default {DEFAULTS.model}")
     parser.add_argument("--data", default=None, help=f"default {DEFAULTS.data}")

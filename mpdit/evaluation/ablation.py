@@ -393,31 +393,50 @@ def results_markdown(lines: list[dict], budget: Budget, baseline: str) -> tuple[
     return "".join(parts), best
 
 
-def run_grid(out: str | Path, rows: list[Row], budget: Budget) -> list[dict]:
+def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | None = None) -> list[dict]:
     """Train and evaluate every (row, seed), skipping finished work; write the results files after each run.
+
+    Seed-major: the first seed of every row, then the second seed of the rows that have one, and so on, so that a
+    grid cut short has the whole sweep before the repeats. `only`: the names of the rows to train and evaluate;
+    the others contribute only their finished runs, so the results always cover everything the folder has.
     Returns the final step's lines at each row's best guidance."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [row.name for row in rows]
     if len(set(names)) != len(names):
         raise MPDiTError("grid rows need distinct names")
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise MPDiTError(f"no grid row is named {', '.join(unknown)}: the rows are {', '.join(names)}")
     (out / "grid.json").write_text(json.dumps({"budget": dataclasses.asdict(budget),
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    records, best = [], []
-    for row in rows:  # results are rewritten after every run, so an unfinished grid shows what it has
-        for seed in range(row.seeds or budget.seeds):
-            folder = run_dir(out, row, seed)
-            done = finished_records(folder, budget)
-            if done is None:
-                train_run(folder, row, seed, budget)
-                done = evaluate_run(folder, row, seed, budget)
-            records += done
-            best = write_results(out, records, budget, baseline=names[0])
+    seeds = {row.name: row.seeds or budget.seeds for row in rows}
+    runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
+    records, best = {}, []
+    for row, seed in runs:  # finished runs first, so results are written before the first new run
+        done = finished_records(run_dir(out, row, seed), budget)
+        if done is not None:
+            records[row.name, seed] = done
+    for row, seed in runs:  # results are rewritten after every run, so an unfinished grid shows what it has
+        if (row.name, seed) in records or (only is not None and row.name not in only):
+            continue
+        folder = run_dir(out, row, seed)
+        train_run(folder, row, seed, budget)
+        records[row.name, seed] = evaluate_run(folder, row, seed, budget)
+        best = write_results(out, ordered(records, rows), budget, baseline=names[0])
+    if records:
+        best = write_results(out, ordered(records, rows), budget, baseline=names[0])
     if records and len(budget.evaluated_steps) > 1:
         from mpdit.evaluation.plots import plot_curves
 
-        plot_curves(best_guidance(summarize(records)), out / "curves.png")
+        plot_curves(best_guidance(summarize(ordered(records, rows))), out / "curves.png")
     return best
+
+
+def ordered(records: dict, rows: list[Row]) -> list[dict]:
+    """The evaluation records of finished runs ({(row name, seed): records}), rows in grid order, seeds ascending."""
+    return [r for row in rows for seed in sorted(s for name, s in records if name == row.name)
+            for r in records[row.name, seed]]
 
 
 def write_results(out: Path, records: list[dict], budget: Budget, baseline: str) -> list[dict]:
