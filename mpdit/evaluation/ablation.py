@@ -412,24 +412,23 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
     runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
-    records, best = {}, []
-    for row, seed in runs:  # finished runs first, so results are written before the first new run
+    records = {}
+    for row, seed in runs:
         done = finished_records(run_dir(out, row, seed), budget)
         if done is not None:
             records[row.name, seed] = done
-    for row, seed in runs:  # results are rewritten after every run, so an unfinished grid shows what it has
+
+    def report() -> list[dict]:
+        return write_results(out, ordered(records, rows), budget, baseline=names[0]) if records else []
+
+    best = report()  # what the folder already has, then again after every new run
+    for row, seed in runs:
         if (row.name, seed) in records or (only is not None and row.name not in only):
             continue
         folder = run_dir(out, row, seed)
         train_run(folder, row, seed, budget)
         records[row.name, seed] = evaluate_run(folder, row, seed, budget)
-        best = write_results(out, ordered(records, rows), budget, baseline=names[0])
-    if records:
-        best = write_results(out, ordered(records, rows), budget, baseline=names[0])
-    if records and len(budget.evaluated_steps) > 1:
-        from mpdit.evaluation.plots import plot_curves
-
-        plot_curves(best_guidance(summarize(ordered(records, rows))), out / "curves.png")
+        best = report()
     return best
 
 
@@ -440,8 +439,8 @@ def ordered(records: dict, rows: list[Row]) -> list[dict]:
 
 
 def write_results(out: Path, records: list[dict], budget: Budget, baseline: str) -> list[dict]:
-    """OUT/results.csv (one line per run, step and guidance) and OUT/results.md; returns the final step's lines at
-    each row's best guidance."""
+    """OUT/results.csv (one line per run, step and guidance), OUT/results.md and, with several evaluated steps,
+    OUT/curves.png; returns the final step's lines at each row's best guidance."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
@@ -449,4 +448,8 @@ def write_results(out: Path, records: list[dict], budget: Budget, baseline: str)
     lines = summarize(records)
     text, best = results_markdown(lines, budget, baseline)
     (out / "results.md").write_text(text)
+    if len(budget.evaluated_steps) > 1:
+        from mpdit.evaluation.plots import plot_curves
+
+        plot_curves(best_guidance(lines), out / "curves.png")
     return best
