@@ -51,8 +51,10 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx, ca
     assert not torch.equal(a["final_layer.linear.weight"], b["final_layer.linear.weight"])
     before = log_length(tmp_path / "runs/dit/seed-0")
     first = (tmp_path / "results.csv").read_text()
-    # --only: the named rows are trained (here: already finished), every finished row is still reported
-    run_grid(tmp_path, ROWS + [Row("mp-ssg", "all", "scale-shift-gate")], budget(tiny_idx), only={"dit"})
+    # --only: the named rows are trained (here: already finished), every finished run is still reported, also
+    # the seeds beyond this invocation's
+    run_grid(tmp_path, ROWS + [Row("mp-ssg", "all", "scale-shift-gate")], dataclasses.replace(budget(tiny_idx), seeds=1),
+             only={"dit"})
     assert log_length(tmp_path / "runs/dit/seed-0") == before and not (tmp_path / "runs/mp-ssg").exists()
     assert (tmp_path / "results.csv").read_text() == first
     with pytest.raises(MPDiTError, match="no grid row is named nope: the rows are dit, mp-srg"):

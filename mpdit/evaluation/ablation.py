@@ -398,7 +398,8 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
 
     Seed-major: the first seed of every row, then the second seed of the rows that have one, and so on, so that a
     grid cut short has the whole sweep before the repeats. `only`: the names of the rows to train and evaluate;
-    the others contribute only their finished runs, so the results always cover everything the folder has.
+    the others contribute only their finished runs. The results cover every finished run of the grid's rows in the
+    folder, seeds beyond this invocation's included.
     Returns the final step's lines at each row's best guidance."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,10 +414,11 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
     runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
     records = {}
-    for row, seed in runs:
-        done = finished_records(run_dir(out, row, seed), budget)
-        if done is not None:
-            records[row.name, seed] = done
+    for row in rows:  # every finished seed in the folder, also beyond this invocation's seeds
+        for folder in sorted((out / "runs" / row.name).glob("seed-*")):
+            done = finished_records(folder, budget) if folder.name[5:].isdigit() else None
+            if done is not None:
+                records[row.name, int(folder.name[5:])] = done
 
     def report() -> list[dict]:
         return write_results(out, ordered(records, rows), budget, baseline=names[0]) if records else []
