@@ -73,6 +73,25 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx, ca
     assert "dit seed 0: training to step 4 (new)" in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_a_diverging_run_is_listed_as_such_and_the_grid_goes_on(tmp_path, tiny_idx, capsys):
+    rows = [Row("dit-huge-lr", "none", "adaln-zero", lr=1e6), Row("dit", "none", "adaln-zero")]
+    grid = dataclasses.replace(budget(tiny_idx), steps=16, seeds=1)
+    best = run_grid(tmp_path, rows, grid)
+    out = capsys.readouterr().out
+    assert "[ablate] dit-huge-lr seed 0: training diverged" in out and "[ablate] dit seed 0: training to step" in out
+    saved = json.loads((tmp_path / "runs/dit-huge-lr/seed-0/records.json").read_text())
+    stopped = saved["diverged"]["step"]
+    assert 10 <= stopped < 16 and saved["records"] == []  # the guard stops it before the one evaluated step
+    with open(tmp_path / "results.csv") as f:
+        assert {r["row"] for r in csv.DictReader(f)} == {"dit"}
+    table = (tmp_path / "results.md").read_text()
+    assert f"| dit-huge-lr | 0 | {stopped} |" in table.split("### Diverged runs")[1]
+    assert [line["row"] for line in best] == ["dit"]
+    run_grid(tmp_path, rows, grid)  # a diverged run is finished: not trained again
+    assert "training" not in capsys.readouterr().out
+    assert (tmp_path / "results.md").read_text() == table
+
+
 def test_single_seed_rows_show_no_spread():
     assert mean_and_spread(232.04, 9.5, 3, ".3g") == "232 ± 9.5"
     assert mean_and_spread(252.0, 0.0, 1, ".3g") == "252"

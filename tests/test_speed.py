@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from mpdit.cli.bench import Bench
+from mpdit.cli.bench import Bench, peak_memory_mb, resident_bytes
 from mpdit.cli.main import main
 from mpdit.evaluation.kernels import count_kernels, saved_bytes
 from mpdit.diffusion.generate import generate
@@ -194,6 +194,19 @@ def test_bench_command_reports_kernel_counts_and_ratios(capsys):
     assert main(["bench", "--model", "DiT-Nano/4", "--input-size", "8", "--in-channels", "1", "--num-classes", "3",
                  "--batch", "2", "--repeats", "1", "--warmup", "0", "--count-ops"]) == 0
     assert "train kernels" in capsys.readouterr().out
+
+
+def test_bench_memory_is_the_variant_resident_state_plus_its_step():
+    bench = Bench(DiTConfig.from_preset("DiT-Nano/4", mp="all", conditioning="scale-rotation-gate", input_size=8,
+                                        num_classes=10), 2, torch.device("cpu"), "fp32", compile_model=False)
+    weights = sum(p.numel() * p.element_size() for p in bench.model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in bench.model.parameters() if p.requires_grad)
+    before_step = resident_bytes(bench)
+    assert before_step >= 2 * weights  # the model and its EMA shadow
+    bench.train_step()
+    resident = resident_bytes(bench)
+    assert 2 * trainable <= resident - before_step <= 2 * trainable + 8 * len(bench.optimizer.state)  # AdamW's moments
+    assert peak_memory_mb(bench) * 2**20 >= resident + trainable  # the step allocates at least the gradients
 
 
 def test_saved_bytes_counts_activations_once_and_not_parameters():

@@ -130,27 +130,35 @@ def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str
         return statistics.median(timed(device, lambda: trainer.train_step(record=False)) for _ in range(repeats))
 
 
+def resident_bytes(bench: Bench) -> int:
+    """Bytes a variant keeps between training steps: weights and buffers, optimizer state and EMA shadow."""
+    tensors = [*bench.model.state_dict().values(), *bench.ema.state_dict().values()]
+    tensors += [v for state in bench.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def peak_memory_mb(bench: Bench) -> float:
-    """Peak memory of one training step in MiB: CUDA's allocator peak, or on CPU the resident weights and
-    optimizer state plus the peak of the step's own allocations (torch's profiler, in time order)."""
+    """Peak memory of one training step in MiB: the variant's resident_bytes plus the peak of the step's own
+    allocations (gradients, activations, temporaries) above what was allocated before it, by CUDA's allocator or
+    on CPU by torch's profiler (in time order). The other variants built in the same process do not count."""
     device = bench.device
     if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         bench.train_step()
         synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    from torch.profiler import ProfilerActivity, profile
+        step_peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
 
-    resident = sum(t.numel() * t.element_size() for t in bench.model.state_dict().values())
-    resident += sum(v.numel() * v.element_size() for state in bench.optimizer.state.values()
-                    for v in state.values() if torch.is_tensor(v))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        bench.train_step()
-    peak = current = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees in order
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return (resident + peak) / 2**20
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            bench.train_step()
+        step_peak = current = 0
+        for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocations and frees in order
+            current += event.self_cpu_memory_usage
+            step_peak = max(step_peak, current)
+    return (resident_bytes(bench) + step_peak) / 2**20
 
 
 def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_size: int, in_channels: int,

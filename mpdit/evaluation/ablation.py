@@ -10,7 +10,8 @@ Resumable: a trained run (checkpoint at the budget's steps) is not trained again
 from its last checkpoint, an evaluation already written with the budget's protocol is not redone. Layout:
 OUT/runs/<row>/seed-<s>/ (a normal training run; its evaluations in checkpoints/step-N/eval-cfgG.json, all of
 them together in records.json: a run whose records.json holds the budget's protocol is done, so OUT without
-its checkpoints/ and ema_snapshots/ folders carries a grid's finished runs to another machine or session),
+its checkpoints/ and ema_snapshots/ folders carries a grid's finished runs to another machine or session; a run
+stopped by the divergence guard is finished too, evaluated at the steps it reached and listed as diverged),
 OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
 OUT/results.md, and at the end OUT/curves.png (with more than one evaluated step).
 """
@@ -32,7 +33,8 @@ from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting,
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
-from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
+from mpdit.training.train import (TrainConfig, Trainer, TrainingDiverged, family_optimizer, model_config_for_data,
+                                  read_run_configs)
 
 @dataclass
 class Row:
@@ -222,23 +224,26 @@ def records_protocol(budget: Budget) -> dict:
             "classifier": classifier_name(budget.classifier)}
 
 
-def finished_records(folder: Path, budget: Budget) -> list[dict] | None:
-    """The records of RUN/records.json when it holds this budget's protocol (the run is done), else None."""
+def finished_run(folder: Path, budget: Budget) -> dict | None:
+    """RUN/records.json when it holds this budget's protocol (the run is done), else None: {"records": [...]}, and
+    for a run that diverged {"diverged": {"step": N}} too."""
     path = folder / "records.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved["records"] if saved.get("protocol") == records_protocol(budget) else None
+    return saved if saved.get("protocol") == records_protocol(budget) else None
 
 
-def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget) -> list[dict]:
-    """One result record per evaluated step and guidance scale of a trained run; also written to RUN/records.json."""
+def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at: int | None = None) -> dict:
+    """One result record per evaluated step and guidance scale of a trained run, as finished_run gives them, also
+    written to RUN/records.json. A run that diverged at step `diverged_at` is evaluated at the steps it reached."""
     model_cfg, train_cfg = read_run_configs(folder)
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     rates = [entry["images_per_s"] for entry in log[1:]] or [log[-1]["images_per_s"]]
     checkpoints = dict(list_checkpoints(folder))
+    steps = budget.evaluated_steps if diverged_at is None else [s for s in budget.evaluated_steps if s in checkpoints]
     records = []
-    for step in budget.evaluated_steps:
+    for step in steps:
         if step not in checkpoints:
             raise MPDiTError(f"{folder} has no checkpoint at step {step} to evaluate (it kept "
                              f"{', '.join(map(str, checkpoints)) or 'none'}): evaluate steps it kept, or train anew")
@@ -252,9 +257,11 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget) -> list[dict
                 "images_per_s": round(statistics.median(rates), 1),
                 "loss": next((entry["loss"] for entry in reversed(log) if entry["step"] <= step), None),
                 "classifier": result["protocol"]["classifier"]["weights"]})
-    atomic_write_text(folder / "records.json",
-                      json.dumps({"protocol": records_protocol(budget), "records": records}, indent=1))
-    return records
+    run = {"protocol": records_protocol(budget), "records": records}
+    if diverged_at is not None:
+        run["diverged"] = {"step": diverged_at}
+    atomic_write_text(folder / "records.json", json.dumps(run, indent=1))
+    return run
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -397,7 +404,8 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     """Train and evaluate every (row, seed), skipping finished work; write the results files after each run.
 
     Seed-major: the first seed of every row, then the second seed of the rows that have one, and so on, so that a
-    grid cut short has the whole sweep before the repeats. `only`: the names of the rows to train and evaluate;
+    grid cut short has the whole sweep before the repeats. A run that diverges (TrainingDiverged) is evaluated at
+    the steps it reached, listed in results.md as diverged, and the grid goes on. `only`: the names of the rows to train and evaluate;
     the others contribute only their finished runs. The results cover every finished run of the grid's rows in the
     folder, seeds beyond this invocation's included.
     Returns the final step's lines at each row's best guidance."""
@@ -413,45 +421,67 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
     runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
-    records = {}
+    finished = {}
     for row in rows:  # every finished seed in the folder, also beyond this invocation's seeds
         for folder in sorted((out / "runs" / row.name).glob("seed-*")):
-            done = finished_records(folder, budget) if folder.name[5:].isdigit() else None
+            done = finished_run(folder, budget) if folder.name[5:].isdigit() else None
             if done is not None:
-                records[row.name, int(folder.name[5:])] = done
+                finished[row.name, int(folder.name[5:])] = done
 
     def report() -> list[dict]:
-        return write_results(out, ordered(records, rows), budget, baseline=names[0]) if records else []
+        return write_results(out, ordered(finished, rows), budget, baseline=names[0]) if finished else []
 
     best = report()  # what the folder already has, then again after every new run
     for row, seed in runs:
-        if (row.name, seed) in records or (only is not None and row.name not in only):
+        if (row.name, seed) in finished or (only is not None and row.name not in only):
             continue
         folder = run_dir(out, row, seed)
-        train_run(folder, row, seed, budget)
-        records[row.name, seed] = evaluate_run(folder, row, seed, budget)
+        diverged_at = None
+        try:
+            train_run(folder, row, seed, budget)
+        except TrainingDiverged as error:
+            print(f"[ablate] {row.name} seed {seed}: {error}", flush=True)
+            diverged_at = error.step
+        finished[row.name, seed] = evaluate_run(folder, row, seed, budget, diverged_at)
         best = report()
     return best
 
 
-def ordered(records: dict, rows: list[Row]) -> list[dict]:
-    """The evaluation records of finished runs ({(row name, seed): records}), rows in grid order, seeds ascending."""
-    return [r for row in rows for seed in sorted(s for name, s in records if name == row.name)
-            for r in records[row.name, seed]]
+def ordered(finished: dict, rows: list[Row]) -> list[tuple[str, int, dict]]:
+    """Finished runs ({(row name, seed): finished_run}) as (row name, seed, run), rows in grid order, seeds
+    ascending."""
+    return [(row.name, seed, finished[row.name, seed]) for row in rows
+            for seed in sorted(s for name, s in finished if name == row.name)]
 
 
-def write_results(out: Path, records: list[dict], budget: Budget, baseline: str) -> list[dict]:
-    """OUT/results.csv (one line per run, step and guidance), OUT/results.md and, with several evaluated steps,
-    OUT/curves.png; returns the final step's lines at each row's best guidance."""
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    lines = summarize(records)
-    text, best = results_markdown(lines, budget, baseline)
-    (out / "results.md").write_text(text)
-    if len(budget.evaluated_steps) > 1:
-        from mpdit.evaluation.plots import plot_curves
+def diverged_table(runs: list[tuple[str, int, dict]]) -> str:
+    """results.md's list of the runs that diverged, or nothing."""
+    stopped = [(name, seed, run["diverged"]["step"]) for name, seed, run in runs if "diverged" in run]
+    if not stopped:
+        return ""
+    out = ["\n### Diverged runs\n", "Stopped by the divergence guard (loss or gradient norm not finite for "
+           "max_bad_steps steps in a row); evaluated at the steps they reached, so a row's figures at later steps "
+           "are over its other seeds (its `seeds` column).\n", "| row | seed | stopped at step |", "|---|---|---|"]
+    out += [f"| {name} | {seed} | {step:,} |" for name, seed, step in stopped]
+    return "\n".join(out) + "\n"
 
-        plot_curves(best_guidance(lines), out / "curves.png")
+
+def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, baseline: str) -> list[dict]:
+    """From finished runs (ordered): OUT/results.csv (one line per run, evaluated step and guidance),
+    OUT/results.md and, with several evaluated steps, OUT/curves.png; returns the final step's lines at each row's
+    best guidance."""
+    records = [record for _, _, run in runs for record in run["records"]]
+    text, best = "", []
+    if records:
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+        lines = summarize(records)
+        text, best = results_markdown(lines, budget, baseline)
+        if len(budget.evaluated_steps) > 1:
+            from mpdit.evaluation.plots import plot_curves
+
+            plot_curves(best_guidance(lines), out / "curves.png")
+    (out / "results.md").write_text(text + diverged_table(runs))
     return best

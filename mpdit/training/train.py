@@ -150,6 +150,14 @@ def setup_distributed(device: str = "auto") -> Distributed:
     return Distributed(rank, world_size, local_rank, dev)
 
 
+class TrainingDiverged(MPDiTError):
+    """A run stopped because its last max_bad_steps steps were all skipped (non-finite); `step`: where it stopped."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A CPU generator fixed by (seed, step, stream): the same on every rank and after a resume."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
@@ -433,13 +441,14 @@ class Trainer:
         trim_log(self.run_dir, self.step)
 
     def check_divergence(self, streak: int, skipped: int) -> None:
-        """MPDiTError once the last cfg.max_bad_steps steps were all skipped (``DivergenceGuard.counts``)."""
+        """TrainingDiverged once the last cfg.max_bad_steps steps were all skipped (``DivergenceGuard.counts``)."""
         if streak >= self.cfg.max_bad_steps:
             last = ckpt.latest_checkpoint(self.run_dir)
-            raise MPDiTError(
+            raise TrainingDiverged(
                 f"training diverged: the loss or gradient norm was not finite for the last {streak} steps (to step "
                 f"{self.step}; {skipped} skipped in all), so they changed nothing; "
-                + (f"the newest checkpoint is {last}. " if last else "") + "Train again with a lower --lr")
+                + (f"the newest checkpoint is {last}. " if last else "") + "Train again with a lower --lr",
+                step=self.step)
 
     def _train(self, sample_grid) -> Path | None:
         cfg, main = self.cfg, self.dist.is_main
