@@ -94,13 +94,13 @@ def test_train_help_describes_every_option_and_its_default():
         if action.default not in (None, False) and action.dest not in ("option_defaults",):
             assert "default" in action.help, f"--{action.dest} does not show its default"
     text = train.format_help()
-    assert "--min-snr-gamma 5 --steps 5000 --compile" in text  # says how the quickstart's recipe differs
+    assert "--min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile" in text  # says how the quickstart's recipe differs
 
 
 def test_quickstart_help_lists_its_recipe_and_files():
     text = build_parser()._subparsers._group_actions[0].choices["quickstart"].format_help()
     assert "recipe below" not in text
-    for words in ("--min-snr-gamma 5 --steps 5000 --compile", "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
+    for words in ("--min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile", "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
         assert words in text
 
 

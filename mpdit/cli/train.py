@@ -1,7 +1,8 @@
 """`mpdit train`: train a model on a dataset (one process, or many under torchrun); `--resume DIR` continues a run.
 
 The defaults are a plain recipe (3,000 steps, no Min-SNR weighting). `mpdit quickstart` trains with a different
-one: `mpdit train --min-snr-gamma 5 --steps 5000 --compile --out runs/quickstart`, the other options at their defaults.
+one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile --out runs/quickstart`, the other options at
+their defaults.
 """
 
 import argparse
