@@ -246,8 +246,9 @@ def test_prepared_grid_files_run_at_tiny_scale(tmp_path, tiny_idx, grid):
     rows, budget_options = load_grid(ROOT / grid)
     budget = Budget(**budget_options)
     assert budget.evaluated_steps[-1] == budget.steps and len(budget.evaluated_steps) >= 3 and 1 in budget.cfg_scales
-    assert rows[0].mp == "none" and {"mp-srg@lr=0.01", "mp-ssg@lr=0.01"} <= {row.name for row in rows}  # DiT first:
-    # the baseline of the tables
+    families = {(row.mp, row.conditioning) for row in rows}
+    assert rows[0].mp == "none" and {("all", "scale-rotation-gate"), ("all", "scale-shift-gate")} <= families  # DiT
+    # first: the baseline of the tables
     tiny = dict(model="DiT-Nano/4", data=tiny_idx, steps=4, eval_steps=(2,), batch_size=16, eval_num=10,
                 sample_steps=2, cfg_scales=(1, 3), precision="fp32", device="cpu")
     best = run_grid(tmp_path, [rows[0], rows[-1]], Budget(**{**budget_options, **tiny}))
