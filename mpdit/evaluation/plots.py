@@ -111,7 +111,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
 
 
 def plot_curves(lines: list[dict], path: str | Path) -> Path:
-    """FD and class accuracy against training step, one line per grid row, error bars the sd over seeds.
+    """FD and class accuracy against training step, one line per grid row, error bars the sd over seeds; DiT rows
+    (mp none) dashed, a color per row (up to 20 distinct), the legend beside the plots.
 
     ``lines``: summary lines of `mpdit ablate` (mpdit.evaluation.ablation.summarize), one per (row, step), e.g.
     each at its best guidance. Writes and returns ``path`` (PNG).
@@ -124,17 +125,18 @@ def plot_curves(lines: list[dict], path: str | Path) -> Path:
     by_row: dict[str, list[dict]] = {}
     for line in sorted(lines, key=lambda line: line["step"]):
         by_row.setdefault(line["row"], []).append(line)
-    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, points in by_row.items():
+    colors = plt.get_cmap("tab10" if len(by_row) <= 10 else "tab20").colors
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, (name, points) in enumerate(by_row.items()):
         steps = [p["step"] for p in points]
-        ax_fd.errorbar(steps, [p["fd_mean"] for p in points], [p["fd_std"] for p in points], marker="o",
-                       capsize=3, label=name)
-        ax_acc.errorbar(steps, [100 * p["acc_mean"] for p in points], [100 * p["acc_std"] for p in points],
-                        marker="o", capsize=3, label=name)
+        style = dict(marker="o", capsize=3, label=name, color=colors[i % len(colors)],
+                     linestyle="--" if points[0].get("mp") == "none" else "-")
+        ax_fd.errorbar(steps, [p["fd_mean"] for p in points], [p["fd_std"] for p in points], **style)
+        ax_acc.errorbar(steps, [100 * p["acc_mean"] for p in points], [100 * p["acc_std"] for p in points], **style)
     ax_fd.set(xlabel="step", ylabel="FD (classifier features)", yscale="log",
               title="Fréchet distance (lower is better)")
     ax_acc.set(xlabel="step", ylabel="class accuracy of samples (%)", title="Class accuracy")
-    ax_fd.legend(fontsize=7)
+    ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
