@@ -2,7 +2,7 @@
 # The MNIST comparison at GPU scale in one command (issue 11, item 4): `mpdit ablate` on the grid
 # docs/grids/gpu-mnist-xs2.json (DiT-XS/2, batch 256, 1,500 steps, bf16, Min-SNR-5, one seed; DiT with the EDM2
 # schedule at 3e-3 and constant at 1e-4, MP scale-rotation-gate and scale-shift-gate at 3e-2 EDM2; checkpoints at
-# 500/1,000/1,500 steps scored at guidance 1, 1.5 and 4 on 500 samples). Estimated 6-7.5 minutes on one H100/H200 (docs/results.md, "GPU grid").
+# 500/1,000/1,500 steps scored at guidance 1, 1.5 and 4 on 500 samples). Estimated 6-7.5 minutes on one H100/H200 (docs/results.md, "On one GPU").
 #
 #   bash scripts/gpu_ablate.sh copy-mnist                 # once, where mpdit is installed: MNIST IDX -> data/mnist
 #   bash scripts/gpu_ablate.sh [OUT] [mpdit ablate options]  # the grid into OUT (default runs/gpu-ablate)

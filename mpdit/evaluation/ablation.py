@@ -13,7 +13,7 @@ them together in records.json: a run whose records.json holds the budget's proto
 its checkpoints/ and ema_snapshots/ folders carries a grid's finished runs to another machine or session; a run
 stopped by the divergence guard is finished too, evaluated at the steps it reached and listed as diverged),
 OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
-OUT/results.md, and at the end OUT/curves.png (with more than one evaluated step).
+OUT/results.md, and with several evaluated steps OUT/curves.png (all three rewritten after each run).
 """
 
 import csv
