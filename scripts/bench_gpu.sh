@@ -2,7 +2,7 @@
 # GPU figures for docs/performance.md, in one go (5-6 minutes on one H100/H200): training and sampling
 # step time and peak memory of the main variants against the DiT baseline (mpdit bench), eager and compiled,
 # then scripts/gpu_check.py (compiled training checked against eager on the GPU, then a short training run per
-# variant). Runs from the checkout with the machine's own PyTorch, nothing installed:
+# variant), then the training loop's step against the bare step (mpdit bench --loop). Runs from the checkout with the machine's own PyTorch, nothing installed:
 #     PYTHONPATH=. bash scripts/bench_gpu.sh [OUT_DIR]
 # SMOKE=1 runs the same commands on the CPU with a tiny model, to check the script itself.
 set -euo pipefail
@@ -29,3 +29,6 @@ bench s2-32-eager --model "$s2" --input-size 32 --batch "$batch"
 bench xl2-32-eager --model "$xl2" --input-size 32 --batch "$xl_batch"
 echo "== gpu_check" >&2
 python3 scripts/gpu_check.py --check-compiled $check | tee "$out/gpu_check.jsonl"
+# last, so that a failure here costs none of the figures above: the training loop's step (batch assembled on the
+# host and copied, EMAs, guard) against the bare step, which says whether a device-side dataset would pay
+bench s2-16-loop --model "$s2" --input-size 16 --batch "$batch" --loop --variants "all:scale-rotation-gate"
