@@ -25,7 +25,7 @@ from mpdit.evaluation.kernels import count_kernels, saved_bytes
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
-from mpdit.training.train import TrainConfig, Trainer, make_optimizer
+from mpdit.training.train import TrainConfig, Trainer, global_batch, make_optimizer
 
 BASELINE = ("none", "adaln-zero")
 DEFAULT_VARIANTS = "none:adaln-zero;all:scale-shift-gate;all:scale-rotation-gate"
@@ -114,9 +114,10 @@ def timed(device: torch.device, fn) -> float:
 
 
 def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str, compile_model: bool,
-                 repeats: int, warmup: int) -> float:
+                 repeats: int, warmup: int) -> tuple[float, float]:
     """Median milliseconds of one step of the training loop (`Trainer.train_step`: batch drawn and copied to the
-    device, forward, backward, gradient norm, AdamW, classic and power-function EMAs) on random uint8 images."""
+    device, forward, backward, gradient norm, AdamW, classic and power-function EMAs) on random uint8 images, and
+    of the host-side part that assembles its global batch (`global_batch`: indices, t, noise, labels, images)."""
     gen = torch.Generator().manual_seed(0)
     shape = (4 * batch, config.in_channels, config.input_size, config.input_size)
     data = ImageDataset(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8),
@@ -127,7 +128,10 @@ def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str
         trainer = Trainer(run_dir, config, cfg, data=data)
         for _ in range(warmup):
             trainer.train_step(record=False)
-        return statistics.median(timed(device, lambda: trainer.train_step(record=False)) for _ in range(repeats))
+        step_ms = statistics.median(timed(device, lambda: trainer.train_step(record=False)) for _ in range(repeats))
+        batch_ms = statistics.median(timed(torch.device("cpu"), lambda: global_batch(data, cfg, config, step))
+                                     for step in range(repeats))
+        return step_ms, batch_ms
 
 
 def resident_bytes(bench: Bench) -> int:
@@ -190,9 +194,9 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             "sample_spread_ms": _spread(sample_ms[i]), "peak_mem_mb": peak_memory_mb(bench),
             "device": str(dev), "dtype": dtype, "batch": batch, "compile": compile_model, "repeats": repeats,
         })
-        if loop:  # the whole loop's step against the bare step just timed
-            rows[-1]["loop_ms"] = round(loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats,
-                                                     warmup), 2)
+        if loop:  # the whole loop's step against the bare step just timed; the host's batch assembly within it
+            loop_ms, batch_ms = loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats, warmup)
+            rows[-1]["loop_ms"], rows[-1]["batch_ms"] = round(loop_ms, 2), round(batch_ms, 3)
         if count_ops:
             rows[-1]["train_kernels"], rows[-1]["sample_kernels"] = bench.kernels()
             rows[-1]["saved_mb"] = round(bench.saved_mb(), 2)
@@ -244,7 +248,7 @@ def run(args) -> int:
     print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
           "(spread = interquartile range)")
-    loop = f" {'loop ms':>9} {'/step':>6}" if args.loop else ""
+    loop = f" {'loop ms':>9} {'/step':>6} {'batch ms':>9}" if args.loop else ""
     kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'saved MB':>9} {'x':>6}"
                if args.count_ops else "")
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
@@ -253,7 +257,7 @@ def run(args) -> int:
         kernels = (f" {r['train_kernels']:>13,} {r['train_kernels_ratio']:>6.3f} {r['sample_kernels']:>14,} "
                    f"{r['sample_kernels_ratio']:>6.3f} {r['saved_mb']:>9.1f} {r['saved_ratio']:>6.3f}") \
             if args.count_ops else ""
-        loop = f" {r['loop_ms']:>9.1f} {r['loop_over_step']:>6.3f}" if args.loop else ""
+        loop = f" {r['loop_ms']:>9.1f} {r['loop_over_step']:>6.3f} {r['batch_ms']:>9.2f}" if args.loop else ""
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
               f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
               f"{r['sample_ms']:>8.1f} ±{r['sample_spread_ms']:<5.1f} {r['sample_ratio']:>6.3f} "
@@ -283,7 +287,8 @@ def register(subparsers) -> None:
                              "device; see mpdit/evaluation/kernels.py)")
     parser.add_argument("--loop", action="store_true",
                         help="also time a step of the real training loop (data, EMAs, logging stats) per variant, "
-                             "as loop_ms and its ratio to the bare training step")
+                             "as loop_ms and its ratio to the bare training step, and the host-side assembly of its "
+                             "batch within it as batch_ms")
     parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     parser.set_defaults(func=run)
