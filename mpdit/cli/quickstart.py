@@ -40,7 +40,7 @@ from mpdit.training.train import read_run_configs
 # The main job's recipe: `mpdit train`'s defaults (DiT-Micro/4, all-MP, scale-rotation-gate, batch 64, AdamW with
 # the EDM2 schedule) plus Min-SNR-5 loss weighting, which doubled how fast class accuracy rises on MNIST (71% instead
 # of 41% at 4,000 steps; docs/results.md), and lr 3e-2 instead of 1e-2: in the 5,000-step grid
-# (docs/results/mnist-5k) it passed 96% class accuracy at guidance 6 by step 3,000 on both seeds, where 1e-2 needs
+# (docs/results/mnist-5k) it passed 94% class accuracy at guidance 6 by step 3,000 on all 3 seeds, where 1e-2 needs
 # 5,000 steps for 90% (1e-1 diverged); 3,000 steps measured 96.3% (README).
 QUICKSTART_STEPS = 3000
 QUICKSTART_TRAIN_OPTIONS = ["--min-snr-gamma", "5", "--lr", "3e-2"]
