@@ -129,8 +129,9 @@ def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str
         for _ in range(warmup):
             trainer.train_step(record=False)
         step_ms = statistics.median(timed(device, lambda: trainer.train_step(record=False)) for _ in range(repeats))
-        batch_ms = statistics.median(timed(torch.device("cpu"), lambda: global_batch(data, cfg, config, step))
-                                     for step in range(repeats))
+        batch_ms = statistics.median(
+            timed(torch.device("cpu"), lambda: global_batch(trainer.data, trainer.cfg, trainer.model_cfg, step))
+            for step in range(repeats))
         return step_ms, batch_ms
 
 

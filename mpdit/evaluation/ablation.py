@@ -406,8 +406,8 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     Seed-major: the first seed of every row, then the second seed of the rows that have one, and so on, so that a
     grid cut short has the whole sweep before the repeats. A run that diverges (TrainingDiverged) is evaluated at
     the steps it reached, listed in results.md as diverged, and the grid goes on. `only`: the names of the rows to
-    train and evaluate; the others contribute only their finished runs. The results cover every finished run of the grid's rows in the
-    folder, seeds beyond this invocation's included.
+    train and evaluate; the others contribute only their finished runs. The results cover every finished run of
+    the grid's rows in the folder, seeds beyond this invocation's included.
     Returns the final step's lines at each row's best guidance."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
