@@ -361,6 +361,22 @@ def test_fused_modulate_equals_scale_shift_rotate_in_turn():
         assert torch.allclose(modulate(x, vectors), expected, atol=1e-5), keys
 
 
+def test_fused_modulate_has_the_gradients_of_scale_shift_rotate_in_turn():
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+              for shape in ((3, 7, 16), (3, 1, 16), (3, 1, 16), (3, 1, 8))]
+    x, s, b, theta = leaves
+    for keys in (["rotation"], ["scale", "rotation"], ["scale", "shift", "rotation"]):
+        vectors = {k: v for k, v in (("scale", s), ("shift", b), ("rotation", theta)) if k in keys}
+        assert torch.autograd.gradcheck(lambda x, *v: modulate(x, dict(zip(vectors, v))), (x, *vectors.values()))
+        expected = rotate(shift(scale(x, s), b) if "shift" in keys else scale(x, s) if "scale" in keys else x, theta)
+        grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+        inputs = [x, *vectors.values()]
+        for got, want in zip(torch.autograd.grad(modulate(x, vectors), inputs, grad),
+                             torch.autograd.grad(expected, inputs, grad)):
+            assert torch.allclose(got, want, atol=1e-12), keys
+
+
 def test_mp_silu_folded_into_fc2_computes_the_same_mlp():
     from mpdit.model.dit import MLP
     cfg = DiTConfig(hidden_size=32, num_heads=2, input_size=8, mp="all")

@@ -103,6 +103,23 @@ def test_training_forward_applies_forced_normalization_to_every_weight_once(stac
     assert all(layer.current_weight is None for layer in layers)
 
 
+def test_a_span_is_one_piece_of_its_group_with_no_zero_gradients_for_its_layers():
+    torch.manual_seed(0)
+    layers = [MPLinear(16, 8), MPLinear(16, 4, learned_gain=0.5), MPLinear(16, 6, learned_gain=0.5)]
+    bank = WeightNormBank(layers, spans=[layers[1:]])
+    bank.prepare(torch.float32, training=False, stack=True)
+    span = bank.span(layers[1:])
+    assert torch.equal(span, torch.cat([layers[1].current_weight, layers[2].current_weight]))
+    # the model's use: the span as one matrix, its layers' own weights unused
+    counter = count_kernels(lambda: (span.square().sum() + layers[0].current_weight.sum()).backward())
+    assert "zeros" not in counter.counts and "slice_backward" not in counter.counts
+    assert all(layer.weight.grad.any() for layer in layers)
+    bank.release()
+    assert bank.span(layers[1:]) is None
+    with pytest.raises(ValueError, match="consecutive layers of one fan-in group"):
+        WeightNormBank(layers, spans=[[layers[0], layers[2]]])
+
+
 @pytest.mark.parametrize("stack", [True, False])
 @pytest.mark.parametrize("mp", ["all", "forced_weight_norm"])
 def test_a_training_forward_normalizes_each_forced_weight_exactly_once(mp, stack):
@@ -174,8 +191,11 @@ def test_kernel_counts_are_deterministic_and_within_the_targets():
     for mp, conditioning in [("none", "adaln-zero"), ("all", "scale-shift-gate"), ("all", "scale-rotation-gate")]:
         config = DiTConfig.from_preset("DiT-S/2", mp=mp, conditioning=conditioning, input_size=16)
         bench = Bench(config, 2, torch.device("cpu"), "fp32", compile_model=False)
-        counts[conditioning] = bench.kernels()
-        assert bench.kernels() == counts[conditioning]  # deterministic
+        train, sample = bench.kernels()
+        counts[conditioning] = (train.total, sample.total)
+        again = bench.kernels()
+        assert (again[0].total, again[1].total) == counts[conditioning]  # deterministic
+        assert (again[0].total_bytes, again[1].total_bytes) == (train.total_bytes, sample.total_bytes)
     (base_train, base_sample), ssg, srg = counts.values()
     assert srg[0] <= 1.5 * base_train and ssg[0] <= srg[0]
     assert srg[1] <= 2.0 * base_sample and ssg[1] <= srg[1]
@@ -189,6 +209,8 @@ def test_bench_command_reports_kernel_counts_and_ratios(capsys):
     for row in rows:
         assert row["train_kernels"] > row["sample_kernels"] > 0
         assert row["train_kernels_ratio"] == round(row["train_kernels"] / rows[0]["train_kernels"], 3)
+        assert row["train_moved_mb"] > row["sample_moved_mb"] > 0
+        assert row["sample_moved_ratio"] == round(row["sample_moved_mb"] / rows[0]["sample_moved_mb"], 3)
         assert row["saved_mb"] > 0 and row["saved_ratio"] == round(row["saved_mb"] / rows[0]["saved_mb"], 3)
         assert row["loop_ms"] > 0 and row["loop_over_step"] == round(row["loop_ms"] / row["train_ms"], 3)
         assert 0 < row["batch_ms"] < row["loop_ms"]  # the host's batch assembly is a part of the loop's step
@@ -215,6 +237,15 @@ def test_saved_bytes_counts_activations_once_and_not_parameters():
     x = torch.randn(4, 16, requires_grad=True)
     # linear saves x (and its weight, excluded); tanh saves its output; x is counted once although saved twice
     assert saved_bytes(lambda: torch.tanh(layer(x) * x), layer.parameters()) == 3 * 4 * 16 * 4
+
+
+def test_counter_adds_up_the_bytes_each_kernel_reads_and_writes():
+    x, bias, y = torch.randn(4, 8), torch.randn(8), torch.randn(4, 8)
+    counter = count_kernels(lambda: x + bias)
+    assert counter.bytes_by_op["add"] == (32 + 8 + 32) * 4  # two inputs read, the output written
+    assert count_kernels(lambda: y.mul_(2.0)).total_bytes == 2 * 32 * 4  # in place: read and written
+    assert count_kernels(lambda: x.expand(3, 4, 8) * 1.0).total_bytes == (32 + 96) * 4  # a broadcast read once
+    assert count_kernels(lambda: x.t().contiguous().view(32)).total_bytes == 2 * 32 * 4  # views move nothing
 
 
 def test_counter_sees_backward_and_skips_views():

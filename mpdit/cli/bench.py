@@ -5,8 +5,9 @@ Training step: forward, backward, optimizer step and EMA update on one batch. Sa
 guided network evaluation (conditional + unconditional halves) in eval mode under no_grad.
 Ratios are to the baseline row of the same run. A benchmark, not a test: it asserts nothing.
 With --count-ops each row also gives the number of kernel-launching operations in one training step and
-one sampling step (see mpdit/evaluation/kernels.py), counted on the code path a GPU takes: the same on every
-machine, and on a GPU, where a small model's step is bound by kernel launches, it tracks the time.
+one sampling step and the bytes they move (see mpdit/evaluation/kernels.py), counted on the code path a GPU
+takes: the same on every machine, and on a GPU, where a small model's step is bound by kernel launches and
+bytes moved, they track the time.
 """
 
 import contextlib
@@ -21,7 +22,7 @@ import torch
 from mpdit.data.datasets import ImageDataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError
-from mpdit.evaluation.kernels import count_kernels, saved_bytes
+from mpdit.evaluation.kernels import KernelCounter, count_kernels, saved_bytes
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
@@ -89,14 +90,15 @@ class Bench:
         with self.gpu_code_path():
             return saved_bytes(self.train_loss, self.model.parameters()) / 2**20
 
-    def kernels(self) -> tuple[int, int]:
-        """Kernel-launching operations of one training step and of one sampling step on the GPU code path, each
-        in steady state (the optimizer's state exists; sampling reuses the normalized weights of the step before)."""
+    def kernels(self) -> tuple[KernelCounter, KernelCounter]:
+        """Kernel-launching operations (and the bytes they move) of one training step and of one sampling step on
+        the GPU code path, each in steady state (the optimizer's state exists; sampling reuses the normalized
+        weights of the step before)."""
         with self.gpu_code_path():
             self.train_step()
-            train = count_kernels(self.train_step).total
+            train = count_kernels(self.train_step)
             self.sample_step()
-            return train, count_kernels(self.sample_step).total
+            return train, count_kernels(self.sample_step)
 
 
 def synchronize(device: torch.device) -> None:
@@ -199,12 +201,15 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             loop_ms, batch_ms = loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats, warmup)
             rows[-1]["loop_ms"], rows[-1]["batch_ms"] = round(loop_ms, 2), round(batch_ms, 3)
         if count_ops:
-            rows[-1]["train_kernels"], rows[-1]["sample_kernels"] = bench.kernels()
-            rows[-1]["saved_mb"] = round(bench.saved_mb(), 2)
+            train, sample = bench.kernels()
+            rows[-1].update(train_kernels=train.total, sample_kernels=sample.total,
+                            train_moved_mb=round(train.total_bytes / 2**20, 1),
+                            sample_moved_mb=round(sample.total_bytes / 2**20, 1), saved_mb=round(bench.saved_mb(), 2))
     base = rows[variants.index(BASELINE)]
     ratios = [("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")]
     if count_ops:
         ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels"),
+                   ("train_moved_ratio", "train_moved_mb"), ("sample_moved_ratio", "sample_moved_mb"),
                    ("saved_ratio", "saved_mb")]
     for row in rows:
         for key, ref in ratios:
@@ -250,13 +255,15 @@ def run(args) -> int:
           f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
           "(spread = interquartile range)")
     loop = f" {'loop ms':>9} {'/step':>6} {'batch ms':>9}" if args.loop else ""
-    kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'saved MB':>9} {'x':>6}"
-               if args.count_ops else "")
+    kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'train moved MB':>14} {'x':>6} "
+               f"{'sample moved MB':>15} {'x':>6} {'saved MB':>9} {'x':>6}" if args.count_ops else "")
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
           f"{'peak MB':>9} {'x':>6}{loop}{kernels}")
     for r in rows:
         kernels = (f" {r['train_kernels']:>13,} {r['train_kernels_ratio']:>6.3f} {r['sample_kernels']:>14,} "
-                   f"{r['sample_kernels_ratio']:>6.3f} {r['saved_mb']:>9.1f} {r['saved_ratio']:>6.3f}") \
+                   f"{r['sample_kernels_ratio']:>6.3f} {r['train_moved_mb']:>14,.1f} {r['train_moved_ratio']:>6.3f} "
+                   f"{r['sample_moved_mb']:>15,.1f} {r['sample_moved_ratio']:>6.3f} {r['saved_mb']:>9.1f} "
+                   f"{r['saved_ratio']:>6.3f}") \
             if args.count_ops else ""
         loop = f" {r['loop_ms']:>9.1f} {r['loop_over_step']:>6.3f} {r['batch_ms']:>9.2f}" if args.loop else ""
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
@@ -283,8 +290,8 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per variant (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--count-ops", action="store_true",
-                        help="also count kernel-launching operations per training and sampling step and the "
-                             "activation MiB a training step saves for backward (deterministic, the same on any "
+                        help="also count kernel-launching operations per training and sampling step, the MiB "
+                             "they move and the activation MiB a training step saves for backward (deterministic, the same on any "
                              "device; see mpdit/evaluation/kernels.py)")
     parser.add_argument("--loop", action="store_true",
                         help="also time a step of the real training loop (data, EMAs, logging stats) per variant, "

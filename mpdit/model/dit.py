@@ -326,7 +326,8 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         last = [p.proj for p in self.projections]
         layers = [m for m in self.modules() if isinstance(m, WeightNormalized) and m not in last]
         layers += [m for m in last if isinstance(m, WeightNormalized)]
-        self.weight_norm = WeightNormBank(layers) if layers else None
+        spans = [[p.proj for p in self.projections]] if cfg.has("weight_norm") else []
+        self.weight_norm = WeightNormBank(layers, spans) if layers else None
         self.stack_weights: bool | None = None  # see stacking()
         # the carried stream's scales (residual_scales); block_output_scales: what each block's output is times
         stream_scale, branch_scale, weight = residual_scales(cfg, cfg.depth) or (None, None, 1.0)

@@ -29,17 +29,18 @@ class Normalize(torch.autograd.Function):
         norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
         alpha = math.sqrt(norm.numel() / x.numel())
         denom = torch.add(eps, norm, alpha=alpha)  # eps + ||x|| / sqrt(n)
-        y = x / denom.to(x.dtype)
-        ctx.save_for_backward(y, denom, norm)
+        denom_x = denom.to(x.dtype)  # kept for the backward too: one cast fewer there under autocast
+        y = x / denom_x
+        ctx.save_for_backward(y, denom, norm, denom_x)
         ctx.dim, ctx.alpha = dim, alpha
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        y, denom, norm = ctx.saved_tensors
+        y, denom, norm, denom_x = ctx.saved_tensors
         dot = (grad * y).sum(dim=ctx.dim, keepdim=True, dtype=torch.float32)  # G . y per slice
         coef = (dot * denom / norm.clamp_min(1e-30)).to(grad.dtype)
-        return torch.addcmul(grad, y, coef, value=-ctx.alpha) / denom.to(grad.dtype), None, None
+        return torch.addcmul(grad, y, coef, value=-ctx.alpha) / denom_x.to(grad.dtype), None, None
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -233,9 +234,12 @@ class WeightNormBank(nn.Module):
     group, in the autocast dtype). In eval mode under no_grad the weights are reused until a parameter
     changes (in place, or replaced). release() (at the end) drops the handed-out weights.
     `stack`: True stacks each group, False treats each layer alone (the same formulas; MPDiT.stacking says when).
+    `spans`: lists of consecutive layers of one group that a stacked forward uses only together, as one matrix
+    (span()); each is one piece of its group's split, so the backward gets no zero gradients for its layers'
+    own pieces.
     """
 
-    def __init__(self, layers: list[WeightNormalized]):
+    def __init__(self, layers: list[WeightNormalized], spans: tuple[list[WeightNormalized], ...] = ()):
         super().__init__()
         self.layers = tuple(layers)
         forced, traditional = {}, {}
@@ -259,7 +263,21 @@ class WeightNormBank(nn.Module):
             self.register_buffer(f"row_scale{i}", scale, persistent=False)
             self.register_buffer(f"gain_index{i}", torch.cat(index)[:, None], persistent=False)
         self.register_buffer("one", torch.ones(1), persistent=False)
-        self._cache, self.stacked = None, None
+        self.pieces = tuple(self.split_plan(group, spans) for group in self.groups)  # per group: layer runs
+        self._cache, self.spans = None, {}
+
+    @staticmethod
+    def split_plan(group: tuple, spans) -> tuple[tuple, ...]:
+        """The group's layers as runs that are one piece each of its stacked weights: a span, or one layer."""
+        starts = {tuple(span)[0]: tuple(span) for span in spans if tuple(span)[0] in group}
+        runs, i = [], 0
+        while i < len(group):
+            run = starts.get(group[i], (group[i],))
+            if group[i:i + len(run)] != run:
+                raise ValueError("a span must be consecutive layers of one fan-in group")
+            runs.append(run)
+            i += len(run)
+        return tuple(runs)
 
     def row_scale(self, i: int) -> torch.Tensor:
         """(R, 1): the constant scale times the learned gain of each row of group i."""
@@ -284,19 +302,21 @@ class WeightNormBank(nn.Module):
         cacheable = not (training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         key = (stack, self._version(dtype))
         if cacheable and self._cache is not None and self._cache[0] == key:
-            self.stacked, weights = self._cache[1]
+            self.spans, weights = self._cache[1]
         else:
+            self.spans, weights = {}, []
             if stack:
-                self.stacked = [GroupedWeightNorm.apply(self.row_scale(i), dtype, *(layer.weight for layer in group))
-                                for i, group in enumerate(self.groups)]  # (R, F) per group
-                weights = []
-                for group, stacked in zip(self.groups, self.stacked):
-                    rows = stacked.split([layer.weight.shape[0] for layer in group])
-                    weights += [r.view_as(layer.weight) for r, layer in zip(rows, group)]
+                for i, (group, runs) in enumerate(zip(self.groups, self.pieces)):
+                    stacked = GroupedWeightNorm.apply(self.row_scale(i), dtype, *(layer.weight for layer in group))
+                    pieces = stacked.split([sum(layer.weight.shape[0] for layer in run) for run in runs])  # (R, F)
+                    for run, piece in zip(runs, pieces):
+                        if len(run) > 1:
+                            self.spans[run] = piece
+                        rows = piece.split([layer.weight.shape[0] for layer in run]) if len(run) > 1 else [piece]
+                        weights += [r.view_as(layer.weight) for r, layer in zip(rows, run)]
             else:
-                self.stacked = None
                 weights = [layer.normalized_weight(dtype) for group in self.groups for layer in group]
-            self._cache = (key, (self.stacked, weights)) if cacheable else None
+            self._cache = (key, (self.spans, weights)) if cacheable else None
         for layer, weight in zip((layer for group in self.groups for layer in group), weights):
             layer.current_weight = weight
         for layer in self.layers:
@@ -304,19 +324,12 @@ class WeightNormBank(nn.Module):
                 layer.current_weight = layer.normalized_weight(dtype)
 
     def span(self, layers: list[WeightNormalized]) -> torch.Tensor | None:
-        """The prepared weights of consecutive layers of one group as one (sum of out, fan_in) matrix (a view);
-        None when this forward did not stack them."""
-        if self.stacked is None:
-            return None
-        group = next(i for i, g in enumerate(self.groups) if layers[0] in g)
-        first = self.groups[group].index(layers[0])
-        if tuple(self.groups[group][first:first + len(layers)]) != tuple(layers):
-            raise ValueError("span() needs consecutive layers of one fan-in group")
-        start = sum(layer.weight.shape[0] for layer in self.groups[group][:first])
-        return self.stacked[group][start:start + sum(layer.weight.shape[0] for layer in layers)]
+        """The prepared weights of a span given at construction, as one (sum of out, fan_in) matrix; None when this
+        forward did not stack them."""
+        return self.spans.get(tuple(layers))
 
     def release(self) -> None:
-        self.stacked = None
+        self.spans = {}
         for layer in self.layers:
             layer.current_weight = None
 
