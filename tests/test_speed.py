@@ -31,11 +31,23 @@ def test_grouped_weight_norm_equals_autograd_through_the_formula():
 
     expected = torch.cat([reference_weight(w, scale, g) for w, g in zip(weights, gains)])
     expected_grads = torch.autograd.grad(expected, weights + gains, grad)
-    out = GroupedWeightNorm.apply(scale * torch.cat(gains)[:, None], torch.float32, *weights)
+    out = GroupedWeightNorm.apply(scale * torch.cat(gains)[:, None], torch.float32, None, *weights)
     grads = torch.autograd.grad(out, weights + gains, grad)
     assert torch.allclose(out, expected, atol=1e-6)
     for got, want in zip(grads, expected_grads):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # under bf16 autocast: W written in bf16 as it is computed, the gradients those of the formula for the bf16 G
+    row_scale = scale * torch.cat(gains)[:, None]
+    out_bf16 = GroupedWeightNorm.apply(row_scale, torch.bfloat16, None, *weights)
+    assert out_bf16.dtype == torch.bfloat16 and torch.equal(out_bf16, out.detach().to(torch.bfloat16))
+    grad_bf16 = grad.to(torch.bfloat16)
+    expected = torch.cat([reference_weight(w, scale, g) for w, g in zip(weights, gains)])
+    for got, want in zip(torch.autograd.grad(out_bf16, weights + gains, grad_bf16),
+                         torch.autograd.grad(expected, weights + gains, grad_bf16.float())):
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # the weights handed in already stacked (forced normalization's scratch copy): the same W
+    stacked = torch.cat([w.detach() for w in weights])
+    assert torch.equal(GroupedWeightNorm.apply(row_scale, torch.float32, stacked, *weights), out)
     # the gradient of each row is orthogonal to the row (EDM2's reason for the traditional normalization),
     # up to eps: cos(g, w) = O(eps / rms)
     for w, g in zip(weights, grads[:3]):

@@ -71,28 +71,32 @@ class GroupedWeightNorm(torch.autograd.Function):
     W = w c / n per row, n = eps + ||w_row|| / sqrt(F), c = row_scale (R, 1). One pass for all the weights,
     forward and backward; the backward is closed-form and restacks w instead of saving the stack:
     dL/dw = (c / n) (G - w (G . w)_row / (n ||w_row|| sqrt(F))), dL/dc = (G . w)_row / n, with G = dL/dW.
+    `stacked`: the weights already stacked in a scratch copy (forced normalization's output), or None.
     """
 
     @staticmethod
-    def forward(ctx, row_scale: torch.Tensor, dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
-        w = stack_rows(weights)  # (R, F)
+    def forward(ctx, row_scale: torch.Tensor, dtype: torch.dtype, stacked: torch.Tensor | None,
+                *weights: torch.Tensor) -> torch.Tensor:
+        w = stack_rows(weights) if stacked is None else stacked  # (R, F)
         rms = torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(w.shape[1])  # (R, 1)
         ctx.save_for_backward(row_scale, rms, *weights)
         coef = row_scale / (rms + EPS)
-        return (w.mul_(coef) if len(weights) > 1 else w * coef).to(dtype)  # in place on a stacked copy
+        if dtype == w.dtype:
+            scratch = stacked is not None or len(weights) > 1  # else w is a view of the weight
+            return w.mul_(coef) if scratch else w * coef
+        return torch.mul(w, coef, out=torch.empty(w.shape, dtype=dtype, device=w.device))  # cast as it is written
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         row_scale, rms, *weights = ctx.saved_tensors
         w = stack_rows(weights)
         norm = rms + EPS
-        grad = grad.to(w.dtype)
-        dot = (grad * w).sum(dim=1, keepdim=True)  # (G . w) per row
+        dot = (grad * w).sum(dim=1, keepdim=True)  # (G . w) per row, in w's dtype (a bf16 G is read as it is)
         grad_w = torch.addcmul(grad, w, dot / (norm * rms.clamp_min(1e-30) * w.shape[1]), value=-1)
         grad_w.mul_(row_scale / norm)  # in place: few weight-sized temporaries
         grad_scale = dot / norm if ctx.needs_input_grad[0] else None
         rows = grad_w.split([v.shape[0] for v in weights])
-        return (grad_scale, None, *(g.view_as(v) for g, v in zip(rows, weights)))
+        return (grad_scale, None, None, *(g.view_as(v) for g, v in zip(rows, weights)))
 
 
 def stack_rows(weights) -> torch.Tensor:
@@ -101,17 +105,19 @@ def stack_rows(weights) -> torch.Tensor:
 
 
 @torch.no_grad()
-def force_normalize_(weights, scale: float) -> None:
-    """Forced weight normalization (EDM2 eq. 67) of several weights with one fan-in: w <- normalize(w) * scale."""
-    rows = normalize(stack_rows(weights), dim=1)
+def force_normalize_(weights, scale: float) -> torch.Tensor:
+    """Forced weight normalization (EDM2 eq. 67) of several weights with one fan-in: w <- normalize(w) * scale.
+    Returns the new weights stacked, (sum of out_i, fan_in), a scratch copy."""
+    stacked = normalize(stack_rows(weights), dim=1)
     if scale != 1:
-        rows = rows * scale
-    rows = [r.view_as(w) for r, w in zip(rows.split([w.shape[0] for w in weights]), weights)]
+        stacked = stacked * scale
+    rows = [r.view_as(w) for r, w in zip(stacked.split([w.shape[0] for w in weights]), weights)]
     if torch.compiler.is_compiling():  # compiled (torch 2.13), a foreach copy into parameters is lost; copies fuse
         for w, r in zip(weights, rows):
             w.copy_(r)
     else:
         torch._foreach_copy_(list(weights), rows)  # one kernel
+    return stacked
 
 
 class WeightNormalized(nn.Module):
@@ -165,7 +171,7 @@ class WeightNormalized(nn.Module):
         if gain is not None:
             row_scale = row_scale * gain[:, None]
         if self.traditional:
-            return GroupedWeightNorm.apply(row_scale, dtype, self.weight).view_as(self.weight)
+            return GroupedWeightNorm.apply(row_scale, dtype, None, self.weight).view_as(self.weight)
         return (self.weight * row_scale.view(-1, *[1] * (self.weight.ndim - 1))).to(dtype)
 
 
@@ -292,10 +298,11 @@ class WeightNormBank(nn.Module):
         return (dtype, *((id(t), t.data_ptr(), t._version) for t in tensors))
 
     def prepare(self, dtype: torch.dtype, training: bool, stack: bool) -> None:
+        forced_stacks = {}  # group -> its new weights, stacked: the traditional normalization's input as well
         if training:
             for scale, group in self.forced_groups:
                 if stack:
-                    force_normalize_([layer.weight for layer in group], scale)
+                    forced_stacks[group] = force_normalize_([layer.weight for layer in group], scale)
                 else:
                     for layer in group:
                         force_normalize_([layer.weight], scale)
@@ -307,7 +314,8 @@ class WeightNormBank(nn.Module):
             self.spans, weights = {}, []
             if stack:
                 for i, (group, runs) in enumerate(zip(self.groups, self.pieces)):
-                    stacked = GroupedWeightNorm.apply(self.row_scale(i), dtype, *(layer.weight for layer in group))
+                    stacked = GroupedWeightNorm.apply(self.row_scale(i), dtype, forced_stacks.get(group),
+                                                      *(layer.weight for layer in group))
                     pieces = stacked.split([sum(layer.weight.shape[0] for layer in run) for run in runs])  # (R, F)
                     for run, piece in zip(runs, pieces):
                         if len(run) > 1:
