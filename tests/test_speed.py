@@ -1,5 +1,6 @@
 """Speed machinery: grouped weight normalization equals the per-layer formulas, kernel counts, compile."""
 
+import copy
 import json
 import math
 
@@ -15,6 +16,7 @@ from mpdit.model import DiTConfig, build_model
 from mpdit.model.dit import compile_default
 from mpdit.nn.primitives import (EPS, GroupedWeightNorm, MPEmbedding, MPLinear, WeightNormBank, force_normalize_,
                                  normalize)
+from mpdit.training.train import make_optimizer
 
 
 def reference_weight(w: torch.Tensor, scale: float, gain: torch.Tensor) -> torch.Tensor:
@@ -193,6 +195,32 @@ def test_stacked_and_per_layer_paths_train_the_same_network(mp, conditioning):
     (losses_a, state_a), (losses_b, state_b) = runs
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
     assert all(torch.allclose(state_a[k], state_b[k], atol=1e-4) for k in state_a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_on_the_stacked_path_trains_the_eager_weights(precision):
+    """CUDA's default (compiled, weights stacked) checked on the CPU: forced normalization writes parameters and
+    traditional normalization reuses its stacked output inside the compiled graph."""
+    torch.manual_seed(0)
+    base = build_model("DiT-Nano/4", input_size=8, in_channels=1, num_classes=3, mp="all",
+                       conditioning="scale-rotation-gate")
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([3, 700, 10, 500]), torch.tensor([0, 2, 1, 1])
+    weights = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base).train()
+        model.stack_weights = True
+        optimizer = make_optimizer(model.parameters(), lr=1e-2)
+        forward = torch.compile(model) if compiled else model
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = forward(x, t, y).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*weights))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], base.parameters()))  # it trained
 
 
 def test_kernel_counts_are_deterministic_and_within_the_targets():

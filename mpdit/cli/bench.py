@@ -291,8 +291,8 @@ def register(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--count-ops", action="store_true",
                         help="also count kernel-launching operations per training and sampling step, the MiB "
-                             "they move and the activation MiB a training step saves for backward (deterministic, the same on any "
-                             "device; see mpdit/evaluation/kernels.py)")
+                             "they move and the activation MiB a training step saves for backward (deterministic, "
+                             "the same on any device; see mpdit/evaluation/kernels.py)")
     parser.add_argument("--loop", action="store_true",
                         help="also time a step of the real training loop (data, EMAs, logging stats) per variant, "
                              "as loop_ms and its ratio to the bare training step, and the host-side assembly of its "

@@ -15,7 +15,6 @@ wrote and read back in between.
 """
 
 import collections
-
 import math
 
 import torch
