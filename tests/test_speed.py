@@ -128,6 +128,7 @@ def test_a_span_is_one_piece_of_its_group_with_no_zero_gradients_for_its_layers(
     counter = count_kernels(lambda: (span.square().sum() + layers[0].current_weight.sum()).backward())
     assert "zeros" not in counter.counts and "slice_backward" not in counter.counts
     assert all(layer.weight.grad.any() for layer in layers)
+    assert torch.equal(bank.span(layers[:1]), layers[0].current_weight)  # a single layer is its own span
     bank.release()
     assert bank.span(layers[1:]) is None
     with pytest.raises(ValueError, match="consecutive layers of one fan-in group"):

@@ -318,8 +318,7 @@ class WeightNormBank(nn.Module):
                                                       *(layer.weight for layer in group))
                     pieces = stacked.split([sum(layer.weight.shape[0] for layer in run) for run in runs])  # (R, F)
                     for run, piece in zip(runs, pieces):
-                        if len(run) > 1:
-                            self.spans[run] = piece
+                        self.spans[run] = piece
                         rows = piece.split([layer.weight.shape[0] for layer in run]) if len(run) > 1 else [piece]
                         weights += [r.view_as(layer.weight) for r, layer in zip(rows, run)]
             else:
@@ -332,8 +331,8 @@ class WeightNormBank(nn.Module):
                 layer.current_weight = layer.normalized_weight(dtype)
 
     def span(self, layers: list[WeightNormalized]) -> torch.Tensor | None:
-        """The prepared weights of a span given at construction, as one (sum of out, fan_in) matrix; None when this
-        forward did not stack them."""
+        """The prepared weights of a span given at construction (or of one layer), as one (sum of out, fan_in)
+        matrix; None when this forward did not stack them."""
         return self.spans.get(tuple(layers))
 
     def release(self) -> None:
