@@ -33,14 +33,14 @@ def test_grouped_weight_norm_equals_autograd_through_the_formula():
 
     expected = torch.cat([reference_weight(w, scale, g) for w, g in zip(weights, gains)])
     expected_grads = torch.autograd.grad(expected, weights + gains, grad)
-    out = GroupedWeightNorm.apply(scale * torch.cat(gains)[:, None], torch.float32, None, *weights)
+    out = GroupedWeightNorm.apply(scale * torch.cat(gains)[:, None], torch.float32, None, None, *weights)
     grads = torch.autograd.grad(out, weights + gains, grad)
     assert torch.allclose(out, expected, atol=1e-6)
     for got, want in zip(grads, expected_grads):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     # under bf16 autocast: W written in bf16 as it is computed, the gradients those of the formula for the bf16 G
     row_scale = scale * torch.cat(gains)[:, None]
-    out_bf16 = GroupedWeightNorm.apply(row_scale, torch.bfloat16, None, *weights)
+    out_bf16 = GroupedWeightNorm.apply(row_scale, torch.bfloat16, None, None, *weights)
     assert out_bf16.dtype == torch.bfloat16 and torch.equal(out_bf16, out.detach().to(torch.bfloat16))
     grad_bf16 = grad.to(torch.bfloat16)
     expected = torch.cat([reference_weight(w, scale, g) for w, g in zip(weights, gains)])
@@ -49,7 +49,7 @@ def test_grouped_weight_norm_equals_autograd_through_the_formula():
         assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     # the weights handed in already stacked (forced normalization's scratch copy): the same W
     stacked = torch.cat([w.detach() for w in weights])
-    assert torch.equal(GroupedWeightNorm.apply(row_scale, torch.float32, stacked, *weights), out)
+    assert torch.equal(GroupedWeightNorm.apply(row_scale, torch.float32, stacked, None, *weights), out)
     # the gradient of each row is orthogonal to the row (EDM2's reason for the traditional normalization),
     # up to eps: cos(g, w) = O(eps / rms)
     for w, g in zip(weights, grads[:3]):
@@ -68,12 +68,20 @@ def test_normalize_backward_equals_autograd_through_the_formula(dim):
     assert torch.allclose(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(plain, x, grad)[0], atol=1e-6)
 
 
-def test_grouped_forced_normalization_equals_per_layer_normalize():
+@pytest.mark.parametrize("rows", [(4, 6), (5,)])
+def test_grouped_forced_normalization_equals_per_layer_normalize(rows):
     torch.manual_seed(0)
-    weights = [torch.randn(rows, 3, 2, 2) * 5 for rows in (4, 6)]
+    weights = [torch.randn(r, 3, 2, 2) * 5 for r in rows]
     expected = [normalize(w) / math.sqrt(12) for w in weights]
-    force_normalize_(weights, 1 / math.sqrt(12))
+    forced = force_normalize_(weights, 1 / math.sqrt(12))
     assert all(torch.allclose(w, e, atol=1e-7) for w, e in zip(weights, expected))
+    # what it hands the traditional normalization: the new rows' RMS (computed, not measured), and their stack
+    new = torch.cat([w.flatten(1) for w in weights])
+    assert torch.allclose(forced.rms, new.square().mean(dim=1, keepdim=True).sqrt(), rtol=1e-6, atol=0)
+    assert forced.stacked is None if len(rows) == 1 else torch.equal(forced.stacked, new)
+    measured = GroupedWeightNorm.apply(torch.ones(new.shape[0], 1), torch.float32, None, None, *weights)
+    handed = GroupedWeightNorm.apply(torch.ones(new.shape[0], 1), torch.float32, forced.stacked, forced.rms, *weights)
+    assert torch.allclose(handed, measured, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("stack", [True, False])
@@ -285,6 +293,8 @@ def test_counter_adds_up_the_bytes_each_kernel_reads_and_writes():
     counter = count_kernels(lambda: x + bias)
     assert counter.bytes_by_op["add"] == (32 + 8 + 32) * 4  # two inputs read, the output written
     assert count_kernels(lambda: y.mul_(2.0)).total_bytes == 2 * 32 * 4  # in place: read and written
+    out = torch.empty(4, 8, dtype=torch.bfloat16)
+    assert count_kernels(lambda: torch.mul(x, 2.0, out=out)).total_bytes == 32 * 4 + 32 * 2  # out=: written only
     assert count_kernels(lambda: x.expand(3, 4, 8) * 1.0).total_bytes == (32 + 96) * 4  # a broadcast read once
     assert count_kernels(lambda: x.t().contiguous().view(32)).total_bytes == 2 * 32 * 4  # views move nothing
 

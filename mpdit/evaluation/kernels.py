@@ -8,10 +8,10 @@ on any device). A `_foreach_*` operation counts once: on a GPU it launches one k
 tensors (multi_tensor_apply), not one per tensor.
 
 It also adds up the bytes each of those kernels moves, the other bound of a small GPU step: every tensor
-argument read once and every output written once (an in-place operation's tensor both), each as the memory
-it spans (a broadcast dimension of stride 0 read once). That is the least traffic the kernel can have: a
-GPU's caches can only add to it (a matmul re-reading its operands), and a fused kernel saves what its parts
-wrote and read back in between.
+argument read once and every output written once (an in-place operation's tensor both, an `out=` tensor only
+written), each as the memory it spans (a broadcast dimension of stride 0 read once). That is the least traffic
+the kernel can have: a GPU's caches can only add to it (a matmul re-reading its operands), and a fused kernel
+saves what its parts wrote and read back in between.
 """
 
 import collections
@@ -48,7 +48,8 @@ class KernelCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name not in METADATA_OPS:
             self.counts[name] += 1
-            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            read = (args, {key: value for key, value in (kwargs or {}).items() if key != "out"})  # out=: written only
+            tensors = [t for t in tree_leaves((read, out)) if isinstance(t, torch.Tensor)]
             self.bytes_by_op[name] += sum(spanned_bytes(t) for t in tensors)
         return out
 

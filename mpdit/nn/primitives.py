@@ -5,6 +5,7 @@ for unit-magnitude input, with no normalization layer on the activations.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,14 +72,16 @@ class GroupedWeightNorm(torch.autograd.Function):
     W = w c / n per row, n = eps + ||w_row|| / sqrt(F), c = row_scale (R, 1). One pass for all the weights,
     forward and backward; the backward is closed-form and restacks w instead of saving the stack:
     dL/dw = (c / n) (G - w (G . w)_row / (n ||w_row|| sqrt(F))), dL/dc = (G . w)_row / n, with G = dL/dW.
-    `stacked`: the weights already stacked in a scratch copy (forced normalization's output), or None.
+    `stacked` (a scratch copy of the weights stacked) and `rms` (R, 1), the rows' RMS: forced normalization's
+    ForcedRows when it just ran, else None (computed here).
     """
 
     @staticmethod
     def forward(ctx, row_scale: torch.Tensor, dtype: torch.dtype, stacked: torch.Tensor | None,
-                *weights: torch.Tensor) -> torch.Tensor:
+                rms: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
         w = stack_rows(weights) if stacked is None else stacked  # (R, F)
-        rms = torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(w.shape[1])  # (R, 1)
+        if rms is None:
+            rms = torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(w.shape[1])  # (R, 1)
         ctx.save_for_backward(row_scale, rms, *weights)
         coef = row_scale / (rms + EPS)
         if dtype == w.dtype:
@@ -91,12 +94,15 @@ class GroupedWeightNorm(torch.autograd.Function):
         row_scale, rms, *weights = ctx.saved_tensors
         w = stack_rows(weights)
         norm = rms + EPS
-        dot = (grad * w).sum(dim=1, keepdim=True)  # (G . w) per row, in w's dtype (a bf16 G is read as it is)
+        if grad.dtype == w.dtype:  # (G . w) per row as R dot products: reads G and w, writes no product
+            dot = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)
+        else:  # a bf16 G read as it is, the product in w's dtype (a cast of G would cost as much as the product)
+            dot = (grad * w).sum(dim=1, keepdim=True)
         grad_w = torch.addcmul(grad, w, dot / (norm * rms.clamp_min(1e-30) * w.shape[1]), value=-1)
         grad_w.mul_(row_scale / norm)  # in place: few weight-sized temporaries
         grad_scale = dot / norm if ctx.needs_input_grad[0] else None
         rows = grad_w.split([v.shape[0] for v in weights])
-        return (grad_scale, None, None, *(g.view_as(v) for g, v in zip(rows, weights)))
+        return (grad_scale, None, None, None, *(g.view_as(v) for g, v in zip(rows, weights)))
 
 
 def stack_rows(weights) -> torch.Tensor:
@@ -104,20 +110,36 @@ def stack_rows(weights) -> torch.Tensor:
     return weights[0].flatten(1) if len(weights) == 1 else torch.cat([w.flatten(1) for w in weights])
 
 
+class ForcedRows(NamedTuple):
+    """What forced normalization leaves for the traditional one after it: the new weights stacked (R, F), a scratch
+    copy (None for a single weight, stacked as a view of itself), and the RMS of each new row (R, 1)."""
+
+    stacked: torch.Tensor | None
+    rms: torch.Tensor
+
+
 @torch.no_grad()
-def force_normalize_(weights, scale: float) -> torch.Tensor:
-    """Forced weight normalization (EDM2 eq. 67) of several weights with one fan-in: w <- normalize(w) * scale.
-    Returns the new weights stacked, (sum of out_i, fan_in), a scratch copy."""
-    stacked = normalize(stack_rows(weights), dim=1)
-    if scale != 1:
-        stacked = stacked * scale
+def force_normalize_(weights, scale: float) -> ForcedRows:
+    """Forced weight normalization (EDM2 eq. 67) of several weights with one fan-in, in place: w <- normalize(w) * scale,
+    each row times f = scale / (eps + r), r = ||w_row|| / sqrt(F). The new rows' RMS is scale r / (eps + r) =
+    scale - eps f, so the traditional normalization that follows need not read the weights again for it."""
+    stacked = stack_rows(weights)  # (R, F): a scratch copy, or a view of the single weight
+    norm = torch.linalg.vector_norm(stacked, dim=1, keepdim=True, dtype=torch.float32)
+    factor = scale / torch.add(EPS, norm, alpha=1 / math.sqrt(stacked.shape[1]))  # (R, 1)
+    rms = torch.add(scale, factor, alpha=-EPS)
+    single, compiling = len(weights) == 1, torch.compiler.is_compiling()
+    if single and not compiling:
+        weights[0].mul_(factor.view(-1, *[1] * (weights[0].ndim - 1)))
+        return ForcedRows(None, rms)
+    # compiled (torch 2.13), a product in place on a parameter, or a foreach copy into one, is lost: copies fuse
+    stacked = stacked * factor if single else stacked.mul_(factor)
     rows = [r.view_as(w) for r, w in zip(stacked.split([w.shape[0] for w in weights]), weights)]
-    if torch.compiler.is_compiling():  # compiled (torch 2.13), a foreach copy into parameters is lost; copies fuse
+    if compiling:
         for w, r in zip(weights, rows):
             w.copy_(r)
     else:
         torch._foreach_copy_(list(weights), rows)  # one kernel
-    return stacked
+    return ForcedRows(None if single else stacked, rms)
 
 
 class WeightNormalized(nn.Module):
@@ -158,12 +180,12 @@ class WeightNormalized(nn.Module):
         forward, or, for a layer used alone, forced normalization (in training) and then normalized_weight."""
         if self.current_weight is not None:
             return self.current_weight
-        if self.training and self.forced:
-            force_normalize_([self.weight], self.forced_scale)
-        return self.normalized_weight(dtype)
+        forced = force_normalize_([self.weight], self.forced_scale) if self.training and self.forced else None
+        return self.normalized_weight(dtype, None if forced is None else forced.rms)
 
-    def normalized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """normalize(w) * row_scale (traditional), else w * row_scale, without forced normalization."""
+    def normalized_weight(self, dtype: torch.dtype, rms: torch.Tensor | None = None) -> torch.Tensor:
+        """normalize(w) * row_scale (traditional), else w * row_scale, without forced normalization. rms (out, 1):
+        the RMS of the weight's rows where forced normalization just gave it, else None."""
         gain = self.row_gain()
         if not self.traditional and gain is None and self.scale == 1:
             return self.weight.to(dtype)
@@ -171,7 +193,7 @@ class WeightNormalized(nn.Module):
         if gain is not None:
             row_scale = row_scale * gain[:, None]
         if self.traditional:
-            return GroupedWeightNorm.apply(row_scale, dtype, None, self.weight).view_as(self.weight)
+            return GroupedWeightNorm.apply(row_scale, dtype, None, rms, self.weight).view_as(self.weight)
         return (self.weight * row_scale.view(-1, *[1] * (self.weight.ndim - 1))).to(dtype)
 
 
@@ -298,14 +320,13 @@ class WeightNormBank(nn.Module):
         return (dtype, *((id(t), t.data_ptr(), t._version) for t in tensors))
 
     def prepare(self, dtype: torch.dtype, training: bool, stack: bool) -> None:
-        forced_stacks = {}  # group -> its new weights, stacked: the traditional normalization's input as well
+        forced = {}  # group (stacked) or layer -> its ForcedRows: the traditional normalization's input as well
         if training:
             for scale, group in self.forced_groups:
                 if stack:
-                    forced_stacks[group] = force_normalize_([layer.weight for layer in group], scale)
+                    forced[group] = force_normalize_([layer.weight for layer in group], scale)
                 else:
-                    for layer in group:
-                        force_normalize_([layer.weight], scale)
+                    forced.update((layer, force_normalize_([layer.weight], scale)) for layer in group)
         cacheable = not (training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         key = (stack, self._version(dtype))
         if cacheable and self._cache is not None and self._cache[0] == key:
@@ -314,7 +335,7 @@ class WeightNormBank(nn.Module):
             self.spans, weights = {}, []
             if stack:
                 for i, (group, runs) in enumerate(zip(self.groups, self.pieces)):
-                    stacked = GroupedWeightNorm.apply(self.row_scale(i), dtype, forced_stacks.get(group),
+                    stacked = GroupedWeightNorm.apply(self.row_scale(i), dtype, *forced.get(group, (None, None)),
                                                       *(layer.weight for layer in group))
                     pieces = stacked.split([sum(layer.weight.shape[0] for layer in run) for run in runs])  # (R, F)
                     for run, piece in zip(runs, pieces):
@@ -322,7 +343,8 @@ class WeightNormBank(nn.Module):
                         rows = piece.split([layer.weight.shape[0] for layer in run]) if len(run) > 1 else [piece]
                         weights += [r.view_as(layer.weight) for r, layer in zip(rows, run)]
             else:
-                weights = [layer.normalized_weight(dtype) for group in self.groups for layer in group]
+                weights = [layer.normalized_weight(dtype, forced[layer].rms if layer in forced else None)
+                           for group in self.groups for layer in group]
             self._cache = (key, (self.spans, weights)) if cacheable else None
         for layer, weight in zip((layer for group in self.groups for layer in group), weights):
             layer.current_weight = weight
