@@ -332,3 +332,14 @@ def test_compiled_sampling_gives_the_eager_images():
     eager = generate(model, labels, steps=4, cfg_scale=2.0, compile_model=False)
     compiled = generate(model, labels, steps=4, cfg_scale=2.0, compile_model=True)
     assert (eager.int() - compiled.int()).abs().max() <= 1  # uint8 images; rounding may move a pixel by one
+
+
+@pytest.mark.slow
+def test_bench_counts_the_kernels_inductor_generates_for_compiled_steps():
+    config = DiTConfig.from_preset("DiT-Nano/4", mp="all", conditioning="scale-rotation-gate", input_size=8,
+                                   in_channels=1, num_classes=3)
+    bench = Bench(config, 2, torch.device("cpu"), "fp32", compile_model=True)
+    train, sample = bench.compiled_kernels()
+    eager_train, eager_sample = bench.kernels()
+    assert 0 < sample < train  # the backward graph's kernels come on top of a forward's
+    assert train < eager_train.total and sample < eager_sample.total  # fused: fewer than the eager launches

@@ -7,7 +7,8 @@ Ratios are to the baseline row of the same run. A benchmark, not a test: it asse
 With --count-ops each row also gives the number of kernel-launching operations in one training step and
 one sampling step and the bytes they move (see mpdit/evaluation/kernels.py), counted on the code path a GPU
 takes: the same on every machine, and on a GPU, where a small model's step is bound by kernel launches and
-bytes moved, they track the time.
+bytes moved, they track the time. With --compile as well, it also gives the kernels inductor generates for the
+compiled steps (on a GPU, the Triton kernels a compiled step launches besides its matmuls and attention).
 """
 
 import contextlib
@@ -83,6 +84,22 @@ class Bench:
             yield
         finally:
             self.model.stack_weights = None
+
+    def compiled_kernels(self) -> tuple[int, int]:
+        """Kernels inductor generates for the compiled training step (its forward and backward graphs) and for the
+        compiled sampling step, on the GPU code path; compiled, each runs once per step. Matmuls and attention,
+        library calls as in eager mode, are not among them. Compiles both again (the counts come from code
+        generation), so every compiled model of the process recompiles on its next call."""
+        from torch._inductor import metrics as inductor_metrics
+
+        counts = []
+        with self.gpu_code_path():
+            for step in (self.train_step, self.sample_step):
+                torch._dynamo.reset()
+                inductor_metrics.reset()
+                step()
+                counts.append(inductor_metrics.generated_kernel_count)
+        return counts[0], counts[1]
 
     def saved_mb(self) -> float:
         """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py),
@@ -205,12 +222,18 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             rows[-1].update(train_kernels=train.total, sample_kernels=sample.total,
                             train_moved_mb=round(train.total_bytes / 2**20, 1),
                             sample_moved_mb=round(sample.total_bytes / 2**20, 1), saved_mb=round(bench.saved_mb(), 2))
+    if count_ops and compile_model:  # after every row's timing and memory: this recompiles every model
+        for row, bench in zip(rows, benches):
+            row["train_compiled_kernels"], row["sample_compiled_kernels"] = bench.compiled_kernels()
     base = rows[variants.index(BASELINE)]
     ratios = [("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")]
     if count_ops:
         ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels"),
                    ("train_moved_ratio", "train_moved_mb"), ("sample_moved_ratio", "sample_moved_mb"),
                    ("saved_ratio", "saved_mb")]
+    if count_ops and compile_model:
+        ratios += [("train_compiled_ratio", "train_compiled_kernels"),
+                   ("sample_compiled_ratio", "sample_compiled_kernels")]
     for row in rows:
         for key, ref in ratios:
             row[key] = round(row[ref] / base[ref], 3)
@@ -255,8 +278,10 @@ def run(args) -> int:
           f"{first['device']} {args.dtype}{' compiled' if args.compile else ''}, median of {args.repeats} "
           "(spread = interquartile range)")
     loop = f" {'loop ms':>9} {'/step':>6} {'batch ms':>9}" if args.loop else ""
+    compiled = args.count_ops and args.compile
     kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'train moved MB':>14} {'x':>6} "
                f"{'sample moved MB':>15} {'x':>6} {'saved MB':>9} {'x':>6}" if args.count_ops else "")
+    kernels += f" {'compiled train':>14} {'x':>6} {'compiled sample':>15} {'x':>6}" if compiled else ""
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
           f"{'peak MB':>9} {'x':>6}{loop}{kernels}")
     for r in rows:
@@ -265,6 +290,9 @@ def run(args) -> int:
                    f"{r['sample_moved_mb']:>15,.1f} {r['sample_moved_ratio']:>6.3f} {r['saved_mb']:>9.1f} "
                    f"{r['saved_ratio']:>6.3f}") \
             if args.count_ops else ""
+        if compiled:
+            kernels += (f" {r['train_compiled_kernels']:>14,} {r['train_compiled_ratio']:>6.3f} "
+                        f"{r['sample_compiled_kernels']:>15,} {r['sample_compiled_ratio']:>6.3f}")
         loop = f" {r['loop_ms']:>9.1f} {r['loop_over_step']:>6.3f} {r['batch_ms']:>9.2f}" if args.loop else ""
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
               f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
@@ -292,7 +320,8 @@ def register(subparsers) -> None:
     parser.add_argument("--count-ops", action="store_true",
                         help="also count kernel-launching operations per training and sampling step, the MiB "
                              "they move and the activation MiB a training step saves for backward (deterministic, "
-                             "the same on any device; see mpdit/evaluation/kernels.py)")
+                             "the same on any device; see mpdit/evaluation/kernels.py); with --compile also the "
+                             "kernels inductor generates for the compiled steps")
     parser.add_argument("--loop", action="store_true",
                         help="also time a step of the real training loop (data, EMAs, logging stats) per variant, "
                              "as loop_ms and its ratio to the bare training step, and the host-side assembly of its "
