@@ -343,3 +343,5 @@ def test_bench_counts_the_kernels_inductor_generates_for_compiled_steps():
     eager_train, eager_sample = bench.kernels()
     assert 0 < sample < train  # the backward graph's kernels come on top of a forward's
     assert train < eager_train.total and sample < eager_sample.total  # fused: fewer than the eager launches
+    uncompiled_train, uncompiled_sample = Bench(config, 2, torch.device("cpu"), "fp32", compile_model=False).kernels()
+    assert (eager_train.total, eager_sample.total) == (uncompiled_train.total, uncompiled_sample.total)

@@ -77,13 +77,18 @@ class Bench:
         return self.model.num_params()
 
     @contextlib.contextmanager
-    def gpu_code_path(self):
-        """Weights stacked as on CUDA, whatever the device (MPDiT.stacking)."""
+    def gpu_code_path(self, eager: bool = False):
+        """Weights stacked as on CUDA, whatever the device (MPDiT.stacking); with eager, the steps call the
+        uncompiled model (counting operations must not run under dynamo, which would trace the counters' hooks)."""
+        steps = self.forward, self.guided
         self.model.stack_weights = True
+        if eager:
+            self.forward, self.guided = self.model, self.model.guided_forward
         try:
             yield
         finally:
             self.model.stack_weights = None
+            self.forward, self.guided = steps
 
     def compiled_kernels(self) -> tuple[int, int]:
         """Kernels inductor generates for the compiled training step (its forward and backward graphs) and for the
@@ -103,15 +108,15 @@ class Bench:
 
     def saved_mb(self) -> float:
         """MiB of activations a training step keeps for its backward pass (see mpdit/evaluation/kernels.py),
-        on the GPU code path."""
-        with self.gpu_code_path():
+        on the GPU code path, eager."""
+        with self.gpu_code_path(eager=True):
             return saved_bytes(self.train_loss, self.model.parameters()) / 2**20
 
     def kernels(self) -> tuple[KernelCounter, KernelCounter]:
         """Kernel-launching operations (and the bytes they move) of one training step and of one sampling step on
         the GPU code path, each in steady state (the optimizer's state exists; sampling reuses the normalized
-        weights of the step before)."""
-        with self.gpu_code_path():
+        weights of the step before); eager, also when the bench compiles."""
+        with self.gpu_code_path(eager=True):
             self.train_step()
             train = count_kernels(self.train_step)
             self.sample_step()
