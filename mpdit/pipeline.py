@@ -4,18 +4,27 @@
     images = pipe(class_labels=[207, 360], num_inference_steps=50, guidance_scale=1.5,
                   generator=torch.Generator().manual_seed(0)).images  # PIL images
 
-The schedulers (DDPM, DDIM, DPMSolverMultistep, or any diffusers scheduler) are configured with
-DiT's diffusion (linear betas 1e-4..0.02 over 1000 steps, epsilon prediction, no clipping) and get
-the first C channels of the model's output, the epsilon (the learned-variance channels are dropped).
-Classifier-free guidance is the model's own (``MPDiT.guided_forward``). For a latent model the
-samples are un-normalized (z = x * latent_std + latent_mean) and decoded by the VAE.
+The pipeline samples the model's objective (mpdit.diffusion.objectives; DDPM unless given): the objective turns
+the scheduler's timesteps into the model's time input and scales its input where it should. DDPM models take
+the DDPM-family schedulers (DDPM, DDIM, DPMSolverMultistep, or any diffusers scheduler) configured with DiT's
+diffusion (linear betas 1e-4..0.02 over 1000 steps, epsilon prediction, no clipping), fed the first C channels
+of the model's output, the epsilon (the learned-variance channels are dropped). Flow models take
+FlowMatchEulerDiscreteScheduler (``flow_scheduler``), fed the velocity, on our uniform time grid (its ``shift``
+is SD3's time shift). Classifier-free guidance is the model's own (``MPDiT.guided_forward``). For a latent model
+the samples are un-normalized (z = x * latent_std + latent_mean) and decoded by the VAE.
+
+Parity with `mpdit sample` (tests/test_pipeline.py): DDIMScheduler's default ("leading") spacing is ADM's DDIM
+spacing, `mpdit sample --sampler ddim --steps ddimN`; FlowMatchEulerDiscreteScheduler is `--sampler euler`.
 """
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       FlowMatchEulerDiscreteScheduler, ImagePipelineOutput)
 from diffusers.utils.torch_utils import randn_tensor
 
 from mpdit.data.latents import LatentDecoder, load_vae
+from mpdit.diffusion.objectives import Objective, ObjectiveConfig, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.model.dit import MPDiT
 
@@ -24,6 +33,26 @@ DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, be
 SCHEDULERS = {"ddpm": (DDPMScheduler, dict(clip_sample=False, variance_type="fixed_small")),
               "ddim": (DDIMScheduler, dict(clip_sample=False)),
               "dpm": (DPMSolverMultistepScheduler, {})}
+
+
+def flow_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' flow-matching Euler scheduler for a flow model; ``shift``: SD3's time shift (1: none)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def objective_scheduler(objective: Objective, scheduler=None):
+    """The scheduler for a pipeline of ``objective``: given (a name of a DDPM scheduler, 'euler' for flow, a class or
+    an instance), else the objective's default (DDIM for DDPM, FlowMatchEulerDiscrete for flow)."""
+    if scheduler is None:
+        options = objective.scheduler_config()
+        return getattr(diffusers, options.pop("_class_name"))(**options)
+    if isinstance(scheduler, str):
+        names = NAMED_SCHEDULERS[objective.name]
+        if scheduler not in names:
+            raise MPDiTError(f"unknown scheduler '{scheduler}' for a {objective.name} model: choose "
+                             f"{', '.join(names)} or pass a diffusers one")
+        return names[scheduler]()
+    return scheduler
 
 
 def dit_scheduler(scheduler="ddim"):
@@ -39,15 +68,24 @@ def dit_scheduler(scheduler="ddim"):
     return type(scheduler).from_config(scheduler.config, **DIT_SCHEDULE)
 
 
+NAMED_SCHEDULERS = {"ddpm": {name: (lambda name=name: dit_scheduler(name)) for name in SCHEDULERS},
+                    "flow": {"euler": flow_scheduler}}
+
+
 class MPDiTPipeline(DiffusionPipeline):
     """transformer: an MPDiT; scheduler: a diffusers scheduler; vae: an AutoencoderKL for latent models (else None)
-    with the per-channel latent statistics latent_mean / latent_std (C,) (mean 0, std 1/0.18215 for official DiT)."""
+    with the per-channel latent statistics latent_mean / latent_std (C,) (mean 0, std 1/0.18215 for official DiT);
+    objective: the model's training objective (an Objective or ObjectiveConfig; None: DDPM)."""
 
     model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: MPDiT, scheduler, vae=None, latent_mean=None, latent_std=None):
+    def __init__(self, transformer: MPDiT, scheduler, vae=None, latent_mean=None, latent_std=None,
+                 objective: Objective | ObjectiveConfig | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        if not isinstance(objective, Objective):
+            objective = make_objective(objective, transformer.config)
+        self.objective = objective
         c = transformer.config.in_channels
         self.latent_mean = torch.zeros(c) if latent_mean is None else torch.as_tensor(latent_mean, dtype=torch.float32)
         self.latent_std = torch.ones(c) if latent_std is None else torch.as_tensor(latent_std, dtype=torch.float32)
@@ -65,16 +103,19 @@ class MPDiTPipeline(DiffusionPipeline):
         return self
 
     @classmethod
-    def from_pretrained_model(cls, path: str, scheduler="ddim", vae: str | None = None) -> "MPDiTPipeline":
-        """A pipeline for a folder or Hub repo written by ``mpdit.model.hub.save_pretrained`` (VAE from its mpdit.json
-        unless ``vae`` is given)."""
+    def from_pretrained_model(cls, path: str, scheduler=None, vae: str | None = None) -> "MPDiTPipeline":
+        """A pipeline for a folder or Hub repo written by ``mpdit.model.hub.save_pretrained``: its objective and
+        VAE from its mpdit.json (``vae`` overrides the VAE); ``scheduler``: as ``objective_scheduler`` (default: the
+        objective's own)."""
         from mpdit.model.hub import read_info
 
-        latents = read_info(path).get("latents") or {}
+        info = read_info(path)
+        latents = info.get("latents") or {}
         model = MPDiT.from_pretrained(path)
+        objective = make_objective(ObjectiveConfig.from_dict(info.get("objective") or {}), model.config)
         vae_name = vae or latents.get("vae")
-        return cls(model, dit_scheduler(scheduler), load_vae(vae_name) if vae_name else None,
-                   latents.get("channel_mean"), latents.get("channel_std"))
+        return cls(model, objective_scheduler(objective, scheduler), load_vae(vae_name) if vae_name else None,
+                   latents.get("channel_mean"), latents.get("channel_std"), objective=objective)
 
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int = 50, guidance_scale: float = 1.0, generator=None,
@@ -89,13 +130,15 @@ class MPDiTPipeline(DiffusionPipeline):
             raise MPDiTError(f"unknown output_type '{output_type}': choose pil, np or pt")
         y, c = y.to(device), cfg.in_channels
         shape = (len(y), c, cfg.input_size, cfg.input_size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at unit noise
+        self.objective.set_scheduler_timesteps(self.scheduler, num_inference_steps, device)
         self.transformer.eval()
+        denoiser = self.objective.denoiser(lambda x_in, s: self.transformer.guided_forward(x_in, s, y, guidance_scale))
         for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(x, t)
-            out = self.transformer.guided_forward(x_in, t.reshape(1).expand(len(y)).to(device), y, guidance_scale)
-            x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # epsilon channels only
+            x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
+            out = denoiser(x_in, self.objective.scheduler_time(t.reshape(1).expand(len(y)).to(device)))
+            x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # eps or velocity
         if self.vae is not None:
             images = LatentDecoder(self.vae, self.latent_mean, self.latent_std)(x)
         else:

@@ -92,8 +92,8 @@ def latent_run(setup):
                                       conditioning="scale-rotation-gate")
     cfg = TrainConfig(data=data, steps=2, batch_size=4, ckpt_every=2, progress=False, ema_sigma_rels=())
     trainer = Trainer(root / "run", model_cfg, cfg)
-    first = global_batch(trainer.data, cfg, model_cfg, 0)
-    assert all(torch.equal(a, b) for a, b in zip(first, global_batch(trainer.data, cfg, model_cfg, 0)))
+    first = global_batch(trainer.data, cfg, trainer.objective, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, global_batch(trainer.data, cfg, trainer.objective, 0)))
     trainer.run()
     return root / "run"
 
@@ -171,7 +171,8 @@ def test_presets_fill_unset_options(setup):
 
 
 def test_export_checkpoint_writes_card_and_latent_space(setup, latent_run, tmp_path):
-    from mpdit.model.hub import export_checkpoint, read_info
+    from mpdit.model.hub import read_info
+    from mpdit.training.export import export_checkpoint
 
     out = export_checkpoint(latent_run, tmp_path / "export")
     info = read_info(out)

@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from mpdit.cli.main import main
 from mpdit.data.latents import load_vae
 from mpdit.model.dit import MPDiT, build_model
 from mpdit.model.hub import read_info, save_pretrained
@@ -96,3 +98,28 @@ def test_gpu_check_script_runs_on_cpu():
 def test_gpu_check_script_bf16_on_cpu():
     result = gpu_check()
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("objective,scheduler,steps", [("ddpm", "ddim", "ddim10"), ("flow", "euler", "10")])
+@pytest.mark.parametrize("mp", ["none", "all"])
+def test_pipeline_draws_the_images_of_mpdit_sample(tmp_path, capsys, objective, scheduler, steps, mp):
+    """Parity, for the same seed and step count: DDIMScheduler (its default "leading" spacing, ADM's ddimN) with
+    `mpdit sample --sampler ddim --steps ddimN`, FlowMatchEulerDiscreteScheduler with `--sampler euler`; identical
+    uint8 images (the float outputs differ by diffusers' float32 schedule arithmetic, ~1e-6)."""
+    torch.manual_seed(0)
+    model = build_model("DiT-Nano/4", input_size=16, in_channels=1, num_classes=3, mp=mp,
+                        learn_sigma=objective == "ddpm", conditioning="adaln-zero" if mp == "none" else "scale-rotation-gate")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))  # away from the zero init, so the outputs differ per class
+    save_pretrained(model, tmp_path / "m", objective={"objective": objective, "sigma_data": 0.8})
+    assert main(["sample", "--ckpt", str(tmp_path / "m"), "--weights", "raw", "--sampler", scheduler, "--steps",
+                 steps, "--num", "3", "--classes", "0,1,2", "--cfg-scale", "2", "--seed", "0", "--out",
+                 str(tmp_path / "s.png"), "--no-progress"]) == 0
+    ours = np.load(tmp_path / "s.npz")["arr_0"][..., 0]
+    pipe = MPDiTPipeline.from_pretrained_model(str(tmp_path / "m"), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(class_labels=[0, 1, 2], num_inference_steps=10, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images[..., 0]
+    assert ours.std() > 10 and np.array_equal(ours, theirs)

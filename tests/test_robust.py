@@ -48,7 +48,7 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, tiny_idx, monkeypatch):
     stay finite; training goes on; the log counts the skipped step and is strict JSON."""
     model_cfg, cfg = configs(tiny_idx, steps=6, log_every=1, telemetry_every=0, ckpt_every=0)
     trainer = Trainer(tmp_path, model_cfg, cfg)
-    real_losses = trainer.diffusion.training_losses
+    real_losses = trainer.objective.training_losses
 
     def losses(*args, **kwargs):
         out = real_losses(*args, **kwargs)
@@ -63,7 +63,7 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, tiny_idx, monkeypatch):
     seen = {}
     trainer.optimizer.register_step_pre_hook(lambda *_: seen.update({trainer.step: [state()]}))
     trainer.optimizer.register_step_post_hook(lambda *_: seen[trainer.step].append(state()))
-    monkeypatch.setattr(trainer.diffusion, "training_losses", losses)
+    monkeypatch.setattr(trainer.objective, "training_losses", losses)
     trainer.run()
     for step, (before, after) in seen.items():
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
@@ -583,12 +583,12 @@ import mpdit.training.train as train
 real_step = train.Trainer.train_step
 def train_step(self, record):
     if self.step == 3 and os.environ.get("RANK") == "1":
-        real_losses = self.diffusion.training_losses
-        self.diffusion.training_losses = lambda *a, **k: {**(out := real_losses(*a, **k)), "loss": out["loss"] * float("nan")}
+        real_losses = self.objective.training_losses
+        self.objective.training_losses = lambda *a, **k: {**(out := real_losses(*a, **k)), "loss": out["loss"] * float("nan")}
         try:
             return real_step(self, record)
         finally:
-            self.diffusion.training_losses = real_losses
+            self.objective.training_losses = real_losses
     return real_step(self, record)
 train.Trainer.train_step = train_step
 from mpdit.cli.main import main

@@ -9,6 +9,8 @@ one sampling step and the bytes they move (see mpdit/evaluation/kernels.py), cou
 takes: the same on every machine, and on a GPU, where a small model's step is bound by kernel launches and
 bytes moved, they track the time. With --compile as well, it also gives the kernels inductor generates for the
 compiled steps (on a GPU, the Triton kernels a compiled step launches besides its matmuls and attention).
+With --objective flow every variant is also measured trained with flow matching (its sampling step: one guided
+velocity evaluation), each flow row with its ratios to the same variant under DDPM (train_vs_ddpm, sample_vs_ddpm).
 """
 
 import contextlib
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mpdit.data.datasets import ImageDataset
-from mpdit.diffusion.gaussian import GaussianDiffusion
+from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.kernels import KernelCounter, count_kernels, saved_bytes
 from mpdit.model.config import DiTConfig, mp_label
@@ -36,20 +38,23 @@ DEFAULT_VARIANTS = "none:adaln-zero;all:scale-shift-gate;all:scale-rotation-gate
 class Bench:
     """One variant's model, optimizer, EMA and fixed inputs; `train_step()` and `sample_step()` time one call."""
 
-    def __init__(self, config: DiTConfig, batch: int, device: torch.device, dtype: str, compile_model: bool):
+    def __init__(self, config: DiTConfig, batch: int, device: torch.device, dtype: str, compile_model: bool,
+                 objective: str = "ddpm"):
         torch.manual_seed(0)
         self.config, self.device = config, device
         self.model = MPDiT(config).to(device)
         self.optimizer = make_optimizer(self.model.parameters(), lr=1e-4)
         self.ema = ClassicEMA(self.model, 0.9999)
-        self.diffusion = GaussianDiffusion.dit(learn_sigma=config.learn_sigma)
+        self.objective = make_objective(ObjectiveConfig(objective, sigma_data=1.0), config)
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.guided = torch.compile(self.model.guided_forward) if compile_model else self.model.guided_forward
         self.dtype = torch.bfloat16 if dtype == "bf16" else None
         gen = torch.Generator().manual_seed(1)
         shape = (batch, config.in_channels, config.input_size, config.input_size)
         self.x = torch.randn(shape, generator=gen).to(device)
-        self.t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        self.t = self.objective.draw_times(batch, gen).to(device)
+        self.time_input = self.objective.time_input(self.t)
+        self.noise = torch.randn(shape, generator=gen).to(device)
         self.y = torch.randint(0, config.num_classes, (batch,), generator=gen).to(device)
 
     def autocast(self):
@@ -58,7 +63,8 @@ class Bench:
     def train_loss(self) -> torch.Tensor:
         self.model.train()
         with self.autocast():
-            return self.diffusion.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t)["loss"]
+            return self.objective.training_losses(lambda x, s: self.forward(x, s, self.y), self.x, self.t,
+                                                  self.noise)["loss"]
 
     def train_step(self) -> None:
         loss = self.train_loss()
@@ -71,7 +77,7 @@ class Bench:
     def sample_step(self) -> None:
         self.model.eval()
         with self.autocast():
-            self.guided(self.x, self.t, self.y, 4.0)
+            self.guided(self.x, self.time_input, self.y, 4.0)
 
     def parameters(self) -> int:
         return self.model.num_params()
@@ -138,7 +144,7 @@ def timed(device: torch.device, fn) -> float:
 
 
 def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str, compile_model: bool,
-                 repeats: int, warmup: int) -> tuple[float, float]:
+                 repeats: int, warmup: int, objective: str = "ddpm") -> tuple[float, float]:
     """Median milliseconds of one step of the training loop (`Trainer.train_step`: batch drawn and copied to the
     device, forward, backward, gradient norm, AdamW, classic and power-function EMAs) on random uint8 images, and
     of the host-side part that assembles its global batch (`global_batch`: indices, t, noise, labels, images)."""
@@ -147,14 +153,14 @@ def loop_step_ms(config: DiTConfig, batch: int, device: torch.device, dtype: str
     data = ImageDataset(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8),
                         torch.randint(0, config.num_classes, (4 * batch,), generator=gen), config.num_classes)
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = TrainConfig(data="random", steps=warmup + repeats, batch_size=batch, precision=dtype,
-                          compile=compile_model, device=str(device), progress=False)
+        cfg = TrainConfig(data="random", objective=objective, steps=warmup + repeats, batch_size=batch,
+                          precision=dtype, compile=compile_model, device=str(device), progress=False)
         trainer = Trainer(run_dir, config, cfg, data=data)
         for _ in range(warmup):
             trainer.train_step(record=False)
         step_ms = statistics.median(timed(device, lambda: trainer.train_step(record=False)) for _ in range(repeats))
         batch_ms = statistics.median(
-            timed(torch.device("cpu"), lambda: global_batch(trainer.data, trainer.cfg, trainer.model_cfg, step))
+            timed(torch.device("cpu"), lambda: global_batch(trainer.data, trainer.cfg, trainer.objective, step))
             for step in range(repeats))
         return step_ms, batch_ms
 
@@ -192,14 +198,18 @@ def peak_memory_mb(bench: Bench) -> float:
 
 def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_size: int, in_channels: int,
               num_classes: int, device: str, dtype: str, compile_model: bool, repeats: int, warmup: int,
-              count_ops: bool = False, loop: bool = False) -> list[dict]:
-    """Time every variant in alternation; return one row per variant with ratios to the baseline."""
+              count_ops: bool = False, loop: bool = False, objectives: tuple[str, ...] = ("ddpm",)) -> list[dict]:
+    """Time every variant under every objective in alternation; return one row per (variant, objective) with ratios
+    to the baseline (the baseline variant under the first objective), and for each row of a later objective, its
+    ratios to the same variant under the first (train_vs_ddpm, sample_vs_ddpm)."""
     if BASELINE not in variants:
         variants = [BASELINE, *variants]
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    runs = [(variant, objective) for variant in variants for objective in objectives]
     benches = [Bench(DiTConfig.from_preset(model, mp=mp, conditioning=cond, input_size=input_size,
-                                           in_channels=in_channels, num_classes=num_classes), batch, dev, dtype,
-                     compile_model) for mp, cond in variants]
+                                           in_channels=in_channels, num_classes=num_classes,
+                                           learn_sigma=OBJECTIVES[objective].learn_sigma), batch, dev, dtype,
+                     compile_model, objective) for (mp, cond), objective in runs]
     for bench in benches:
         for _ in range(warmup):
             bench.train_step()
@@ -214,13 +224,14 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
     for i, bench in enumerate(benches):
         rows.append({
             "model": model, "mp": mp_label(bench.config.mp), "conditioning": bench.config.conditioning,
-            "params": bench.parameters(), "train_ms": statistics.median(train_ms[i]),
+            "objective": bench.objective.name, "params": bench.parameters(), "train_ms": statistics.median(train_ms[i]),
             "train_spread_ms": _spread(train_ms[i]), "sample_ms": statistics.median(sample_ms[i]),
             "sample_spread_ms": _spread(sample_ms[i]), "peak_mem_mb": peak_memory_mb(bench),
             "device": str(dev), "dtype": dtype, "batch": batch, "compile": compile_model, "repeats": repeats,
         })
         if loop:  # the whole loop's step against the bare step just timed; the host's batch assembly within it
-            loop_ms, batch_ms = loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats, warmup)
+            loop_ms, batch_ms = loop_step_ms(bench.config, batch, dev, dtype, compile_model, repeats, warmup,
+                                             bench.objective.name)
             rows[-1]["loop_ms"], rows[-1]["batch_ms"] = round(loop_ms, 2), round(batch_ms, 3)
         if count_ops:
             train, sample = bench.kernels()
@@ -230,7 +241,7 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
     if count_ops and compile_model:  # after every row's timing and memory: this recompiles every model
         for row, bench in zip(rows, benches):
             row["train_compiled_kernels"], row["sample_compiled_kernels"] = bench.compiled_kernels()
-    base = rows[variants.index(BASELINE)]
+    base = rows[runs.index((BASELINE, objectives[0]))]
     ratios = [("train_ratio", "train_ms"), ("sample_ratio", "sample_ms"), ("mem_ratio", "peak_mem_mb")]
     if count_ops:
         ratios += [("train_kernels_ratio", "train_kernels"), ("sample_kernels_ratio", "sample_kernels"),
@@ -246,6 +257,11 @@ def run_bench(model: str, variants: list[tuple[str, str]], *, batch: int, input_
             row[key] = round(row[key], 2)
         if loop:
             row["loop_over_step"] = round(row["loop_ms"] / row["train_ms"], 3)
+    for (variant, objective), row in zip(runs, rows):
+        if objective != objectives[0]:
+            first = rows[runs.index((variant, objectives[0]))]
+            row["train_vs_ddpm"] = round(row["train_ms"] / first["train_ms"], 3)
+            row["sample_vs_ddpm"] = round(row["sample_ms"] / first["sample_ms"], 3)
     return rows
 
 
@@ -272,7 +288,8 @@ def run(args) -> int:
     rows = run_bench(args.model, parse_variants(args.variants), batch=args.batch, input_size=args.input_size,
                      in_channels=args.in_channels, num_classes=args.num_classes, device=args.device,
                      dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup,
-                     count_ops=args.count_ops, loop=args.loop)
+                     count_ops=args.count_ops, loop=args.loop,
+                     objectives=("ddpm",) if args.objective == "ddpm" else ("ddpm", args.objective))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     if args.json:
@@ -287,8 +304,9 @@ def run(args) -> int:
     kernels = (f" {'train kernels':>13} {'x':>6} {'sample kernels':>14} {'x':>6} {'train moved MB':>14} {'x':>6} "
                f"{'sample moved MB':>15} {'x':>6} {'saved MB':>9} {'x':>6}" if args.count_ops else "")
     kernels += f" {'compiled train':>14} {'x':>6} {'compiled sample':>15} {'x':>6}" if compiled else ""
+    flow = f" {'objective':<9} {'train x ddpm':>12} {'sample x ddpm':>13}" if args.objective != "ddpm" else ""
     print(f"{'mp':<6} {'conditioning':<21} {'params':>11} {'train ms':>15} {'x':>6} {'sample ms':>15} {'x':>6} "
-          f"{'peak MB':>9} {'x':>6}{loop}{kernels}")
+          f"{'peak MB':>9} {'x':>6}{flow}{loop}{kernels}")
     for r in rows:
         kernels = (f" {r['train_kernels']:>13,} {r['train_kernels_ratio']:>6.3f} {r['sample_kernels']:>14,} "
                    f"{r['sample_kernels_ratio']:>6.3f} {r['train_moved_mb']:>14,.1f} {r['train_moved_ratio']:>6.3f} "
@@ -299,10 +317,12 @@ def run(args) -> int:
             kernels += (f" {r['train_compiled_kernels']:>14,} {r['train_compiled_ratio']:>6.3f} "
                         f"{r['sample_compiled_kernels']:>15,} {r['sample_compiled_ratio']:>6.3f}")
         loop = f" {r['loop_ms']:>9.1f} {r['loop_over_step']:>6.3f} {r['batch_ms']:>9.2f}" if args.loop else ""
+        flow = (f" {r['objective']:<9} {r.get('train_vs_ddpm', 1.0):>12.3f} {r.get('sample_vs_ddpm', 1.0):>13.3f}"
+                if args.objective != "ddpm" else "")
         print(f"{r['mp']:<6} {r['conditioning']:<21} {r['params']:>11,} "
               f"{r['train_ms']:>8.1f} ±{r['train_spread_ms']:<5.1f} {r['train_ratio']:>6.3f} "
               f"{r['sample_ms']:>8.1f} ±{r['sample_spread_ms']:<5.1f} {r['sample_ratio']:>6.3f} "
-              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}{loop}{kernels}")
+              f"{r['peak_mem_mb']:>9.1f} {r['mem_ratio']:>6.3f}{flow}{loop}{kernels}")
     return 0
 
 
@@ -320,6 +340,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default="ddpm",
+                        help="ddpm (default), or flow: every variant under ddpm and under flow, with flow's ratios "
+                             "to ddpm")
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per variant (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--count-ops", action="store_true",

@@ -2,15 +2,18 @@
 
     mpdit ema --run RUN_DIR --sigma-rel 0.07 [--step N] --out OUT_DIR
 
-writes OUT_DIR/model.safetensors (the rebuilt weights) and OUT_DIR/config.json (copied from
-RUN_DIR/config.json), so OUT_DIR loads like a checkpoint directory.
+writes OUT_DIR/model.safetensors (the rebuilt weights), OUT_DIR/config.json (copied from RUN_DIR/config.json) and
+OUT_DIR/objective.json (the run's training objective), so OUT_DIR loads and samples like a checkpoint directory.
 """
 
 import argparse
+import json
 from pathlib import Path
 
+from mpdit.diffusion.objectives import OBJECTIVE_FILE
 from mpdit.errors import MPDiTError
-from mpdit.training.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_bytes, is_training_folder, save_safetensors
+from mpdit.training.checkpoint import (CONFIG_FILE, MODEL_FILE, atomic_write_bytes, atomic_write_text,
+                                       is_training_folder, objective_config, save_safetensors)
 from mpdit.training.ema import SIGMA_REL_MAX, SNAPSHOTS, posthoc_plan, reconstruct
 
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = {"kind": "posthoc-ema", "sigma_rel": repr(args.sigma_rel), "step": out_step, "run": str(run_dir)}
     save_safetensors(out_dir / MODEL_FILE, weights, metadata)
     atomic_write_bytes(out_dir / CONFIG_FILE, config.read_bytes())
+    atomic_write_text(out_dir / OBJECTIVE_FILE, json.dumps(objective_config(run_dir).to_dict(), indent=2))
     print(f"post-hoc EMA sigma_rel={args.sigma_rel:g} at step {out_step} from {len(plan)} snapshots:")
     print(f"  {'step':>9} {'sigma_rel':>9} {'coefficient':>12}")
     for step, sigma_rel, _path, coef in plan:
@@ -53,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
         steps = sorted({step for step, *_ in plan})
         print(f"warning: the snapshots cover this sigma_rel/step poorly; use a snapshot step (last ones: {steps[-3:]}) "
               "or a sigma_rel nearer the tracked ones")
-    print(f"wrote {out_dir / MODEL_FILE} ({len(weights)} tensors) and {out_dir / CONFIG_FILE}")
+    print(f"wrote {out_dir / MODEL_FILE} ({len(weights)} tensors), {out_dir / CONFIG_FILE} and "
+          f"{out_dir / OBJECTIVE_FILE}")
     return 0

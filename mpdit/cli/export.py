@@ -3,14 +3,14 @@
     mpdit export --ckpt RUN_OR_CHECKPOINT --out OUT_DIR [--weights auto|raw|ema|sigma-S.SSS]
 
 writes OUT_DIR/config.json, model.safetensors, mpdit.json (training config, metrics found beside the
-checkpoint, latent space) and a README.md model card (``mpdit.model.hub.export_checkpoint``); load it with
+checkpoint, latent space, objective) and a README.md model card (``mpdit.training.export.export_checkpoint``); load it with
 ``MPDiT.from_pretrained(OUT_DIR)`` or ``MPDiTPipeline.from_pretrained_model(OUT_DIR)``.
 """
 
 import json
 
 from mpdit.errors import MPDiTError
-from mpdit.model.hub import export_checkpoint
+from mpdit.training.export import export_checkpoint
 from mpdit.training.checkpoint import is_training_folder
 
 

@@ -8,26 +8,33 @@ import torch
 
 from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, device_of, generate, save_grid, save_npz
-from mpdit.diffusion.sampling import SAMPLERS
+from mpdit.diffusion.objectives import OBJECTIVES, check_time_shift, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.model.convert import load_official_checkpoint
-from mpdit.training.checkpoint import load_checkpoint_model, run_data_spec
+from mpdit.training.checkpoint import checkpoint_objective, load_checkpoint_model, run_data_spec
 
 
 def load_sampling_model(args, device: str):
-    """(model, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215) or --ckpt
-    (with the VAE decoder of its latents:PATH data, if any; --vae overrides the VAE)."""
+    """(model, objective, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215;
+    DDPM) or --ckpt (its recorded objective; the VAE decoder of its latents:PATH data, if any; --vae overrides the
+    VAE). The sampler asked for, if any, is checked against the objective here, before any sampling."""
+    check_time_shift(args.time_shift)
     if args.dit_checkpoint:
         model = load_official_checkpoint(args.dit_checkpoint, device, args.dit_num_classes)
         decode = LatentDecoder.official(args.vae or DEFAULT_VAE, device)
-        return model, decode, {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
-    if not args.ckpt:
-        raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt)")
-    model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
-    data = run_data_spec(checkpoint, getattr(args, "data", None))
-    decode = LatentDecoder.for_data(data, args.vae, device)
-    source = {"checkpoint": str(checkpoint), "weights": weights}
-    return model, decode, source | ({"vae": decode.name} if decode else {})
+        objective = make_objective(None, model.config)
+        source = {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
+    else:
+        if not args.ckpt:
+            raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt)")
+        model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
+        objective = checkpoint_objective(checkpoint, model)
+        data = run_data_spec(checkpoint, getattr(args, "data", None))
+        decode = LatentDecoder.for_data(data, args.vae, device)
+        source = {"checkpoint": str(checkpoint), "weights": weights} | ({"vae": decode.name} if decode else {})
+    if args.sampler is not None:
+        objective.check_sampler(args.sampler)
+    return model, objective, decode, source | {"objective": objective.name}
 
 
 def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -50,8 +57,18 @@ def check_counts(args) -> None:
     """One-line errors for sample counts that cannot work (checked before any model is loaded)."""
     for option in ("num", "batch_size", "steps", "nrow"):
         value = getattr(args, option, None)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             raise MPDiTError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+
+
+def step_spec(text: str) -> int | str:
+    """--steps: a step count, or ADM's 'ddimN' (N steps at a stride of T // N, diffusers' DDIM "leading" spacing)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if text.startswith("ddim") and text[4:].isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"takes a step count or ddimN (ADM's DDIM spacing), got '{text}'")
 
 
 def add_sampling_options(parser, num: int, steps: int) -> None:
@@ -66,10 +83,17 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--weights", default="auto",
                         help="raw, ema, or sigma-S.SSS (power EMA); auto: the largest sigma_rel, else raw")
     parser.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
-    parser.add_argument("--sampler", default="ddim", help=f"{' or '.join(SAMPLERS)} (default ddim)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+    samplers = "; ".join(f"{name}: {', '.join(cls.samplers)}" for name, cls in OBJECTIVES.items())
+    defaults = ", ".join(f"{cls.default_sampler} ({name})" for name, cls in OBJECTIVES.items())
+    parser.add_argument("--sampler", default=None,
+                        help=f"the checkpoint's objective's samplers ({samplers}); default: {defaults}")
+    parser.add_argument("--steps", type=step_spec, default=steps,
+                        help=f"sampling steps (default {steps}; DDPM samplers space them evenly as DiT, or take ADM's "
+                             "ddimN: a stride of 1000 // N, the spacing of diffusers' DDIMScheduler)")
     parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
                         help=f"classifier-free guidance scale (1: none; default {DEFAULT_CFG_SCALE})")
+    parser.add_argument("--time-shift", type=float, default=1.0, metavar="S",
+                        help="flow samplers: SD3's time shift t' = S t / (1 + (S - 1) t) (default 1: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -82,17 +106,20 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise MPDiTError(f"--out must end in .png (the .npz is written beside it), got {out}")
-    model, decode, source = load_sampling_model(args, device_of(args.device))
+    model, objective, decode, source = load_sampling_model(args, device_of(args.device))
+    sampler = args.sampler or objective.default_sampler
     labels = parse_classes(args.classes, args.num, model.config.num_classes, args.seed)
-    images = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                      seed=args.seed, batch_size=args.batch_size, device=device_of(args.device),
-                      progress=not args.no_progress, decode=decode, compile_model=args.compile)
+    images = generate(model, labels, objective=objective, sampler=sampler, steps=args.steps,
+                      cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                      device=device_of(args.device), progress=not args.no_progress, decode=decode,
+                      compile_model=args.compile, time_shift=args.time_shift)
     grid = save_grid(images, out, nrow=args.nrow or min(model.config.num_classes, 10))
     npz = save_npz(images, out.with_suffix(".npz"), labels)
-    report = {"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler,
-              "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
+    report = {"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": sampler,
+              "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed} | (
+        {"time_shift": args.time_shift} if args.time_shift != 1 else {})
     print(json.dumps(report) if args.json else
-          f"{len(images)} samples ({args.sampler} {args.steps} steps, guidance {args.cfg_scale}, seed {args.seed}, "
+          f"{len(images)} samples ({sampler} {args.steps} steps, guidance {args.cfg_scale}, seed {args.seed}, "
           f"weights {source['weights']} of {source['checkpoint']}): grid {grid}, arrays {npz}")
     return 0
 

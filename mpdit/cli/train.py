@@ -15,8 +15,10 @@ import torch
 
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
+from mpdit.diffusion.flow import TIME_SAMPLINGS
+from mpdit.diffusion.objectives import OBJECTIVES
 from mpdit.errors import MPDiTError
-from mpdit.model.config import ATTENTION_OUTPUTS, DiTConfig, attention_output_setting
+from mpdit.model.config import ATTENTION_OUTPUTS, NORMS, DiTConfig, attention_output_setting
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import list_checkpoints
 from mpdit.training.schedules import RECIPES, SCHEDULES, recipe_options
@@ -78,7 +80,9 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
     model_cfg = model_config_for_data(args.model, data, args.image_size, mp=args.mp, conditioning=args.conditioning,
                                       timestep_input=args.timestep_input, class_dropout_prob=args.class_dropout,
                                       normalize_attention_output=attention_output_setting(args.attention_output,
-                                                                                          args.mp))
+                                                                                          args.mp),
+                                      norm=args.norm, zero_init=ZERO_INIT[args.zero_init],
+                                      learn_sigma=OBJECTIVES[args.objective].learn_sigma)
     size = model_cfg.input_size
     family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
@@ -86,23 +90,26 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
         chosen["betas"] = numbers(args.betas, "--betas")
     options = {**family, **chosen}
     train_cfg = TrainConfig(
-        data=args.data, image_size=size, steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, t_ref=args.t_ref,
+        data=args.data, objective=args.objective, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
+        logit_std=args.logit_std, image_size=size, steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, t_ref=args.t_ref,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, min_snr_gamma=args.min_snr_gamma, ema_decay=args.ema_decay or None,
         ema_sigma_rels=numbers(args.ema_sigma_rels, "--ema-sigma-rels"),
         snapshot_every=args.snapshot_every, seed=args.seed, log_every=args.log_every,
         telemetry_every=args.telemetry_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
         keep_checkpoints=args.keep_checkpoints, precision=args.precision, compile=args.compile, device=args.device,
-        progress=not args.no_progress, max_bad_steps=args.max_bad_steps, **options)
+        progress=not args.no_progress, max_bad_steps=args.max_bad_steps, holdout=args.holdout,
+        val_every=args.val_every, **options)
     return model_cfg, train_cfg, data
 
 
 def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float = DEFAULT_CFG_SCALE):
-    """A callback for Trainer.run that writes RUN_DIR/samples/step-NNNNNNN.png from the current raw weights."""
+    """A callback for Trainer.run that writes RUN_DIR/samples/step-NNNNNNN.png from the current raw weights, with the
+    run's objective's default sampler."""
 
     def write(trainer: Trainer) -> None:
         cfg = trainer.model_cfg
         labels = grid_labels(cfg.num_classes, per_class)
-        images = generate(trainer.model, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
+        images = generate(trainer.model, labels, objective=trainer.objective, steps=steps, cfg_scale=cfg_scale,
                           seed=trainer.cfg.seed, device=trainer.dist.device)
         path = trainer.run_dir / "samples" / f"step-{trainer.step:07d}.png"
         tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")  # a killed write leaves no torn grid
@@ -114,7 +121,7 @@ def sample_grid_callback(per_class: int = 2, steps: int = 50, cfg_scale: float =
 
 # What --resume may change: when and how the run reports and saves, never what it trains.
 RESUME_OPTIONS = ("steps", "log_every", "telemetry_every", "sample_every", "ckpt_every", "keep_checkpoints", "device",
-                  "compile", "max_bad_steps")
+                  "compile", "max_bad_steps", "val_every")
 NOT_OPTIONS = {"resume", "from_step", "no_progress", "json", "func", "option_defaults", "command", "given"}
 
 
@@ -170,6 +177,9 @@ def run(args) -> int:
     return 0
 
 
+ZERO_INIT = {"on": True, "off": False, None: None}
+
+
 def add_model_options(parser) -> None:
     parser.add_argument("--model", default="DiT-Micro/4", help="zoo name (default DiT-Micro/4; see mpdit params)")
     parser.add_argument("--mp", default="all", help="all, none, or a comma list of switches (default all)")
@@ -181,10 +191,23 @@ def add_model_options(parser) -> None:
     parser.add_argument("--attention-output", choices=ATTENTION_OUTPUTS, default="normalized",
                         help="cosine attention: rescale each head's output to RMS 1 (normalized, default; our "
                              "addition) or not (plain: the paper's exact model)")
+    parser.add_argument("--norm", choices=NORMS, default="layernorm",
+                        help="what stands where DiT has a LayerNorm: layernorm (default) or dyt (DynamicTanh, "
+                             "tanh(alpha x), alpha from 0.5); needs mp switches without no_layernorm (e.g. --mp none)")
+    parser.add_argument("--zero-init", choices=["on", "off"], default=None,
+                        help="zero-initialise DiT's adaLN projections and final linear (default on; off with "
+                             "--norm dyt, as DyT's DiT recipe)")
 
 
 def add_training_options(parser) -> None:
     parser.add_argument("--data", default="mnist", help="mnist (default), idx:PATH, folder:PATH or latents:PATH")
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default="ddpm",
+                        help="ddpm (default: DiT's epsilon prediction, learned variance) or flow (flow matching: "
+                             "x_t = (1 - t) x0 + t eps, velocity eps - x0; see docs/objectives.md)")
+    parser.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="logit-normal",
+                        help="flow: training times logit-normal (default, SD3's) or uniform (SiT's)")
+    parser.add_argument("--logit-mean", type=float, default=0.0, help="flow, logit-normal times: mean (default 0)")
+    parser.add_argument("--logit-std", type=float, default=1.0, help="flow, logit-normal times: std (default 1)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="pad/resize images to this side (default: the data's side, padded to the patch size)")
     parser.add_argument("--steps", type=int, default=None,
@@ -226,6 +249,13 @@ def add_training_options(parser) -> None:
     parser.add_argument("--max-bad-steps", type=int, default=10,
                         help="stop when this many steps in a row had a non-finite loss or gradient (they are "
                              "skipped; default 10)")
+    parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                        help="keep this share of the training images (a fixed draw, the same for every run) out of "
+                             "training, as the held-out images of the validation loss where the data has no test "
+                             "split (default 0)")
+    parser.add_argument("--val-every", type=int, default=0, metavar="N",
+                        help="log the validation loss of the raw weights every N steps (mpdit eval --loss's; "
+                             "default 0: never)")
     parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
 
 

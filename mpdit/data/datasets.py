@@ -124,6 +124,31 @@ class ImageDataset(Dataset):
         return self.subset(torch.randperm(len(self), generator=generator)[:num_images])
 
 
+def split_holdout(data, fraction: float) -> tuple[ImageDataset, ImageDataset]:
+    """(kept, held out) of an ImageDataset: a fixed share ``fraction`` in (0, 1) of the images, the last ones of a
+    permutation with seed 0 (the same for every run, whatever its own seed), held out of training for a validation
+    loss."""
+    if not isinstance(data, ImageDataset):
+        raise MPDiTError(f"{data.source} keeps its held-out images in its own val/ split: encode one instead of "
+                         "using --holdout")
+    if not 0 < fraction < 1:
+        raise MPDiTError(f"the holdout fraction must be in (0, 1), got {fraction}")
+    held = max(1, round(fraction * len(data)))
+    if held >= len(data):
+        raise MPDiTError(f"holding out {fraction} of {len(data)} images leaves none to train on: lower --holdout")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    return data.subset(order[:-held].sort().values), data.subset(order[-held:].sort().values)
+
+
+def model_space_rms(data, num: int = 10_000, seed: int = 0) -> float:
+    """The RMS of a dataset's images (an ImageDataset or latents) in model space over at most ``num`` of them drawn
+    with ``seed``, to 4 significant digits (flow matching's sigma_data)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(len(data), generator=generator)[:num]
+    x = data.model_batch(idx, generator).double()
+    return float(f"{x.square().mean().sqrt().item():.4g}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversions
 

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from mpdit.data.datasets import to_uint8
-from mpdit.diffusion.gaussian import space_timesteps
-from mpdit.diffusion.sampling import SAMPLERS, sample
+from mpdit.diffusion.objectives import Objective, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.model.dit import MPDiT, compile_default
 
@@ -24,10 +23,14 @@ def device_of(name: str) -> str:
 
 
 @torch.no_grad()
-def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
-             seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-             progress: bool = False, decode=None, first_batch: int = 0, compile_model: bool | None = None) -> torch.Tensor:
-    """Samples for class labels (N,) -> uint8 images (N, C, H, W).
+def generate(model: MPDiT, labels: torch.Tensor, *, objective: Objective | None = None, sampler: str | None = None,
+             steps: int | str = 50, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 256,
+             device: str | torch.device = "cpu", progress: bool = False, decode=None, first_batch: int = 0,
+             compile_model: bool | None = None, time_shift: float = 1.0) -> torch.Tensor:
+    """Samples for class labels (N,) -> uint8 images (N, C, H, W); ``steps``: a count (or, for DDPM, ADM's 'ddimN').
+
+    ``objective``: the model's (mpdit.diffusion.objectives; None: DDPM); ``sampler``: one of its samplers (None: its
+    default); ``time_shift``: SD3's shift of a flow sampler's times.
 
     Batch b draws its noise from a generator seeded by (seed, first_batch + b): the same seed and batch size give
     the same images (``first_batch`` lets a process produce batches first_batch.. of a larger set).
@@ -36,11 +39,11 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
     sampling steps of all batches.
     ``compile_model``: torch.compile the guided network evaluation; None: on CUDA only (compile_default).
     """
-    if sampler not in SAMPLERS:
-        raise MPDiTError(f"unknown sampler '{sampler}': choose {' or '.join(SAMPLERS)}")
+    objective = objective or make_objective(None, model.config)
+    sampler = objective.check_sampler(sampler or objective.default_sampler)
     if cfg_scale < 0:
         raise MPDiTError(f"guidance scale must be >= 0, got {cfg_scale}")
-    if steps < 1:
+    if isinstance(steps, int) and steps < 1:
         raise MPDiTError(f"sampling steps must be >= 1, got {steps}")
     model.eval()
     cfg = model.config
@@ -53,7 +56,7 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
     if progress:  # one bar over every sampling step of every batch
         from tqdm.auto import tqdm
 
-        total = len(batches) * len(space_timesteps(1000, steps))
+        total = len(batches) * objective.sampling_steps(steps)
         bar = tqdm(total=total, desc=f"sample {len(labels)} images ({sampler} {steps} steps)", unit="step",
                    dynamic_ncols=True, smoothing=0)  # the average speed so far, as the training bar
     try:
@@ -61,8 +64,8 @@ def generate(model: MPDiT, labels: torch.Tensor, *, sampler: str = "ddim", steps
             y = y.to(device)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
             shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
-            x = sample(lambda x_t, t: guided(x_t, t, y, cfg_scale), shape, sampler=sampler,
-                       steps=steps, generator=gen, device=device, learn_sigma=cfg.learn_sigma, progress=bar)
+            x = objective.sample(lambda x_in, t: guided(x_in, t, y, cfg_scale), shape, sampler=sampler, steps=steps,
+                                 generator=gen, device=device, progress=bar, time_shift=time_shift)
             out.append(decode(x) if decode is not None else to_uint8(x.cpu()))
     finally:
         if bar is not None:

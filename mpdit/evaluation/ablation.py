@@ -11,7 +11,9 @@ from its last checkpoint, an evaluation already written with the budget's protoc
 OUT/runs/<row>/seed-<s>/ (a normal training run; its evaluations in checkpoints/step-N/eval-cfgG.json, all of
 them together in records.json: a run whose records.json holds the budget's protocol is done, so OUT without
 its checkpoints/ and ema_snapshots/ folders carries a grid's finished runs to another machine or session; a run
-stopped by the divergence guard is finished too, evaluated at the steps it reached and listed as diverged),
+stopped by the divergence guard is finished too, evaluated at the steps it reached and listed as diverged; each
+evaluated step also has its validation loss, CHECKPOINT/val-loss.json, a column of the CSV and the tables, missing
+for runs recorded before it existed),
 OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
 OUT/results.md, and with several evaluated steps OUT/curves.png (all three rewritten after each run).
 """
@@ -26,15 +28,20 @@ from pathlib import Path
 
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
+from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
-from mpdit.evaluation.evaluate import evaluate
+from mpdit.evaluation.evaluate import evaluate, evaluate_loss
 from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
 from mpdit.training.train import (TrainConfig, Trainer, TrainingDiverged, family_optimizer, model_config_for_data,
                                   read_run_configs)
+
+HEAD_DIM = 32  # a row's width sets its heads: width / HEAD_DIM
+ZERO_INIT = {"on": True, "off": False, None: None}
+
 
 @dataclass
 class Row:
@@ -49,12 +56,49 @@ class Row:
     timestep_input: str = "log-sigma"
     attention_output: str = "normalized"  # plain: the paper's exact cosine attention (mpdit train --attention-output)
     warmup_steps: int | None = None  # None: the family's (DiT 0; MP the budget's)
+    # the objective (mpdit train --objective and its flow options) and the evaluation's sampler (None: the budget's)
+    objective: str = "ddpm"
+    time_sampling: str = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sampler: str | None = None
+    norm: str = "layernorm"  # or dyt (mpdit train --norm)
+    zero_init: str | None = None  # on or off; None: the model's default (off for norm dyt)
+    width: int | None = None  # hidden size instead of the budget model's, with heads of dimension HEAD_DIM
 
     def __post_init__(self):
         conditioning_ops(self.conditioning)
         attention_output_setting(self.attention_output, parse_mp(self.mp))
         if self.seeds is not None and self.seeds < 1:
             raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
+        ObjectiveConfig(self.objective, self.time_sampling, self.logit_mean, self.logit_std)
+        if self.zero_init not in ZERO_INIT:
+            raise MPDiTError(f"zero_init must be on or off (or left out), got {self.zero_init!r}")
+        if self.width is not None and (self.width < HEAD_DIM or self.width % HEAD_DIM):
+            raise MPDiTError(f"width must be a multiple of the head dimension {HEAD_DIM}, got {self.width}")
+        DiTConfig(**self.model_overrides())  # the switches, norm and zero init fit together
+
+    def model_overrides(self) -> dict:
+        """The DiTConfig fields this row sets (besides the budget's model and the data's shape)."""
+        size = {} if self.width is None else {"hidden_size": self.width, "num_heads": self.width // HEAD_DIM}
+        return dict(mp=self.mp, conditioning=self.conditioning, timestep_input=self.timestep_input,
+                    normalize_attention_output=attention_output_setting(self.attention_output, self.mp),
+                    norm=self.norm, zero_init=ZERO_INIT[self.zero_init],
+                    learn_sigma=OBJECTIVES[self.objective].learn_sigma, **size)
+
+    def objective_options(self) -> dict:
+        """The TrainConfig fields of this row's objective."""
+        return dict(objective=self.objective, time_sampling=self.time_sampling, logit_mean=self.logit_mean,
+                    logit_std=self.logit_std)
+
+    def eval_sampler(self, budget: "Budget") -> str:
+        """The sampler this row is evaluated with: its own, else the budget's; one line if its objective has none
+        of that name."""
+        sampler = self.sampler or budget.sampler
+        if sampler not in OBJECTIVES[self.objective].samplers:
+            raise MPDiTError(f"grid row {self.name}: sampler '{sampler}' is not a {self.objective} sampler: give the "
+                             f"row (or the budget) one of {', '.join(OBJECTIVES[self.objective].samplers)}")
+        return sampler
 
     def optimizer(self) -> dict:
         """The family's optimizer settings (mpdit.training.train.family_optimizer) with this row's overrides."""
@@ -178,10 +222,7 @@ def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
         train_cfg.steps, train_cfg.device, train_cfg.compile = budget.steps, budget.device, budget.compile
     else:
         data = load_dataset(budget.data, "train")
-        model_cfg = model_config_for_data(budget.model, data, mp=row.mp, conditioning=row.conditioning,
-                                          timestep_input=row.timestep_input,
-                                          normalize_attention_output=attention_output_setting(row.attention_output,
-                                                                                              row.mp))
+        model_cfg = model_config_for_data(budget.model, data, **row.model_overrides())
         steps = budget.evaluated_steps
         train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
                                 batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
@@ -189,7 +230,7 @@ def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
                                 compile=budget.compile,
                                 ckpt_every=math.gcd(*steps) if len(steps) > 1 else max(budget.steps // 4, 1),
                                 keep_checkpoints=0, telemetry_every=max(budget.steps // 20, 1),
-                                log_every=max(budget.steps // 100, 1), progress=False,
+                                log_every=max(budget.steps // 100, 1), progress=False, **row.objective_options(),
                                 **{"warmup_steps": budget.warmup_steps, **row.optimizer()})
     trainer = Trainer(folder, model_cfg, train_cfg, resume=bool(done), data=data)
     print(f"[ablate] {row.name} seed {seed}: training to step {budget.steps} ({'resumed' if done else 'new'})",
@@ -197,11 +238,11 @@ def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
     trainer.run()
 
 
-def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) -> dict:
-    """The eval result of one checkpoint at one guidance scale: CHECKPOINT/eval-cfgG.json when it holds the
-    budget's protocol and classifier, else evaluated now and written there."""
+def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget, sampler: str) -> dict:
+    """The eval result of one checkpoint at one guidance scale with ``sampler``: CHECKPOINT/eval-cfgG.json when it
+    holds the budget's protocol and classifier, else evaluated now and written there."""
     path = checkpoint / f"eval-cfg{cfg_scale:g}.json"
-    wanted = {"num_samples": budget.eval_num, "sampler": budget.sampler, "steps": budget.sample_steps,
+    wanted = {"num_samples": budget.eval_num, "sampler": sampler, "steps": budget.sample_steps,
               "cfg_scale": cfg_scale, "seed": seed}
     if path.is_file():
         result = json.loads(path.read_text())
@@ -210,28 +251,42 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) ->
         same_scorer = scorer == classifier_name(budget.classifier)
         if same_scorer and {key: protocol.get(key) for key in wanted} == wanted:
             return result
-    result = evaluate(checkpoint, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,
+    result = evaluate(checkpoint, num=budget.eval_num, sampler=sampler, steps=budget.sample_steps,
                       cfg_scale=cfg_scale, seed=seed, device=budget.device, baseline=False, progress=False,
                       classifier=budget.classifier, compile_model=budget.compile)
     atomic_write_text(path, json.dumps(result, indent=2))
     return result
 
 
-def records_protocol(budget: Budget) -> dict:
-    """What a run's records.json must match to stand for this budget's evaluation of the run."""
+def validation(checkpoint: Path, seed: int, budget: Budget) -> float:
+    """The validation loss of one checkpoint (mpdit eval --loss, the weights the FD is scored with):
+    CHECKPOINT/val-loss.json when it holds the same seed, else computed now and written there."""
+    path = checkpoint / "val-loss.json"
+    if path.is_file():
+        result = json.loads(path.read_text())
+        if result["protocol"]["validation_loss"]["seed"] == seed:
+            return result["metrics"]["val_loss"]
+    result = evaluate_loss(checkpoint, seed=seed, device=budget.device)
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result["metrics"]["val_loss"]
+
+
+def records_protocol(budget: Budget, sampler: str) -> dict:
+    """What a run's records.json must match to stand for this budget's evaluation of the run with ``sampler``.
+    (The validation loss is not part of it: records written before it existed stay finished, without it.)"""
     return {"steps": budget.steps, "evaluated_steps": budget.evaluated_steps, "cfg_scales": list(budget.cfg_scales),
-            "eval_num": budget.eval_num, "sampler": budget.sampler, "sample_steps": budget.sample_steps,
+            "eval_num": budget.eval_num, "sampler": sampler, "sample_steps": budget.sample_steps,
             "classifier": classifier_name(budget.classifier)}
 
 
-def finished_run(folder: Path, budget: Budget) -> dict | None:
+def finished_run(folder: Path, budget: Budget, sampler: str) -> dict | None:
     """RUN/records.json when it holds this budget's protocol (the run is done), else None: {"records": [...]}, and
     for a run that diverged {"diverged": {"step": N}} too."""
     path = folder / "records.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("protocol") == records_protocol(budget) else None
+    return saved if saved.get("protocol") == records_protocol(budget, sampler) else None
 
 
 def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at: int | None = None) -> dict:
@@ -242,13 +297,15 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
     rates = [entry["images_per_s"] for entry in log[1:]] or [log[-1]["images_per_s"]]
     checkpoints = dict(list_checkpoints(folder))
     steps = budget.evaluated_steps if diverged_at is None else [s for s in budget.evaluated_steps if s in checkpoints]
+    sampler = row.eval_sampler(budget)
     records = []
     for step in steps:
         if step not in checkpoints:
             raise MPDiTError(f"{folder} has no checkpoint at step {step} to evaluate (it kept "
                              f"{', '.join(map(str, checkpoints)) or 'none'}): evaluate steps it kept, or train anew")
+        val_loss = validation(checkpoints[step], seed, budget)
         for cfg_scale in budget.cfg_scales:
-            result = evaluation(checkpoints[step], cfg_scale, seed, budget)
+            result = evaluation(checkpoints[step], cfg_scale, seed, budget, sampler)
             records.append({
                 "row": row.name, "seed": seed, "mp": row.mp, "conditioning": row.conditioning,
                 "attention_output": row.attention_output, "lr": train_cfg.lr, "schedule": train_cfg.schedule,
@@ -256,8 +313,9 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
                 "fd_classifier": result["metrics"]["fd_classifier"], "accuracy": result["metrics"]["accuracy"],
                 "images_per_s": round(statistics.median(rates), 1),
                 "loss": next((entry["loss"] for entry in reversed(log) if entry["step"] <= step), None),
-                "classifier": result["protocol"]["classifier"]["weights"]})
-    run = {"protocol": records_protocol(budget), "records": records}
+                "classifier": result["protocol"]["classifier"]["weights"], "objective": row.objective,
+                "norm": row.norm, "width": model_cfg.hidden_size, "val_loss": val_loss})
+    run = {"protocol": records_protocol(budget, sampler), "records": records}
     if diverged_at is not None:
         run["diverged"] = {"step": diverged_at}
     atomic_write_text(folder / "records.json", json.dumps(run, indent=1))
@@ -277,11 +335,22 @@ def summarize(records: list[dict]) -> list[dict]:
     for runs in groups.values():
         fd, fd_sd = mean_std([r["fd_classifier"] for r in runs])
         acc, acc_sd = mean_std([r["accuracy"] for r in runs])
-        settings = ("row", "mp", "conditioning", "attention_output", "lr", "schedule", "params", "step", "cfg_scale")
+        val = [r["val_loss"] for r in runs]
+        settings = ("row", "mp", "conditioning", "attention_output", "lr", "schedule", "params", "step", "cfg_scale",
+                    "objective", "norm", "width")
         lines.append({**{key: runs[0][key] for key in settings}, "seeds": len(runs), "fd_mean": fd, "fd_std": fd_sd,
                       "acc_mean": acc, "acc_std": acc_sd,
+                      "val_loss": None if None in val else statistics.fmean(val),
                       "images_per_s": statistics.fmean(r["images_per_s"] for r in runs)})
     return lines
+
+
+def with_record_defaults(records: list[dict], budget: Budget) -> list[dict]:
+    """Records with the fields added after a grid's first runs filled in for the runs written before them (DDPM,
+    LayerNorm, the budget model's width, no validation loss), so old and new runs share one CSV and table."""
+    defaults = {"objective": "ddpm", "norm": "layernorm", "width": DiTConfig.from_preset(budget.model).hidden_size,
+                "val_loss": None}
+    return [{**defaults, **record} for record in records]
 
 
 def best_guidance(lines: list[dict]) -> list[dict]:
@@ -322,13 +391,15 @@ def mean_and_spread(mean: float, std: float, seeds: int, fmt: str) -> str:
 
 
 def model_label(line: dict) -> str:
-    return line["mp"] + (", plain attention output" if line["attention_output"] == "plain" else "")
+    return (line["mp"] + (", plain attention output" if line["attention_output"] == "plain" else "")
+            + (", DyT" if line["norm"] == "dyt" else "") + (f", {line['objective']}" if line["objective"] != "ddpm"
+                                                             else ""))
 
 
 def markdown_table(lines: list[dict]) -> str:
     """One line per row: settings, FD and accuracy (mean ± sd over seeds), change against the baseline."""
     out = ["| row | mp | conditioning | lr | params | seeds | guidance | FD (mean ± sd) | FD change | SEs apart | "
-           "accuracy (mean ± sd) | images/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "accuracy (mean ± sd) | val loss | images/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in lines:
         change = "" if x["fd_change_pct"] is None else f"{x['fd_change_pct']:+.1f}%"
         sigmas = "" if x["fd_sigmas"] is None else f"{x['fd_sigmas']:+.1f}"
@@ -336,7 +407,7 @@ def markdown_table(lines: list[dict]) -> str:
                    f"{x['params']:,} | {x['seeds']} | {x['cfg_scale']:g} | "
                    f"{mean_and_spread(x['fd_mean'], x['fd_std'], x['seeds'], '.3g')} | {change} | {sigmas} | "
                    f"{mean_and_spread(100 * x['acc_mean'], 100 * x['acc_std'], x['seeds'], '.1f')}% | "
-                   f"{x['images_per_s']:.0f} |")
+                   f"{'' if x['val_loss'] is None else format(x['val_loss'], '.4f')} | {x['images_per_s']:.0f} |")
     return "\n".join(out) + "\n"
 
 
@@ -410,13 +481,14 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     the grid's rows in the folder, seeds beyond this invocation's included.
     Returns the final step's lines at each row's best guidance."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = [row.name for row in rows]
     if len(set(names)) != len(names):
         raise MPDiTError("grid rows need distinct names")
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise MPDiTError(f"no grid row is named {', '.join(unknown)}: the rows are {', '.join(names)}")
+    samplers = {row.name: row.eval_sampler(budget) for row in rows}  # checked before anything runs
+    out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps({"budget": dataclasses.asdict(budget),
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
@@ -424,7 +496,7 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     finished = {}
     for row in rows:  # every finished seed in the folder, also beyond this invocation's seeds
         for folder in sorted((out / "runs" / row.name).glob("seed-*")):
-            done = finished_run(folder, budget) if folder.name[5:].isdigit() else None
+            done = finished_run(folder, budget, samplers[row.name]) if folder.name[5:].isdigit() else None
             if done is not None:
                 finished[row.name, int(folder.name[5:])] = done
 
@@ -470,7 +542,7 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
     """From finished runs (ordered): OUT/results.csv (one line per run, evaluated step and guidance),
     OUT/results.md and, with several evaluated steps, OUT/curves.png; returns the final step's lines at each row's
     best guidance."""
-    records = [record for _, _, run in runs for record in run["records"]]
+    records = with_record_defaults([record for _, _, run in runs for record in run["records"]], budget)
     text, best = "", []
     if records:
         with open(out / "results.csv", "w", newline="") as f:

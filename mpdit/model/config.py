@@ -35,6 +35,7 @@ def parse_mp(spec) -> tuple[str, ...]:
 
 
 ATTENTION_OUTPUTS = ("normalized", "plain")
+NORMS = ("layernorm", "dyt")
 
 
 def attention_output_setting(choice: str, switches) -> bool:
@@ -92,11 +93,17 @@ class DiTConfig:
     learn_sigma: bool = True
     mp: tuple[str, ...] = ()
     conditioning: str = "adaln-zero"
-    # MP timestep embedder input: EDM2's ln(sigma_t)/4 ("log-sigma") or the raw step 0..999 ("raw", ablation).
+    # MP timestep embedder input: EDM2's ln(sigma_t)/4 ("log-sigma") or the raw step 0..999 ("raw", ablation); the
+    # objective (mpdit.diffusion.objectives) computes it and passes it in as the model's time input.
     timestep_input: str = "log-sigma"
     # With cosine_attention: scale each head's attention output back to RMS 1 (see docs/design-notes.md).
     normalize_attention_output: bool = True
     residual_balance: float = 0.3
+    # What stands where DiT has a LayerNorm (unless no_layernorm removes them): "layernorm" or "dyt" (DynamicTanh).
+    norm: str = "layernorm"
+    # DiT's zero initialisation of the adaLN projections and the final linear; DyT's DiT recipe turns it off.
+    # None: on, except for norm dyt on DiT's plain linears (resolved when the config is built).
+    zero_init: bool | None = None
     num_timesteps: int = 1000
     name: str = field(default="custom")
 
@@ -116,6 +123,17 @@ class DiTConfig:
             raise MPDiTError(f"rotation modulation pairs channels, so the hidden size must be even, got {self.hidden_size}")
         if self.timestep_input not in ("log-sigma", "raw"):
             raise MPDiTError(f"unknown timestep_input '{self.timestep_input}': choose log-sigma or raw")
+        if self.norm not in NORMS:
+            raise MPDiTError(f"unknown norm '{self.norm}': choose {' or '.join(NORMS)}")
+        if self.norm == "dyt" and self.has("no_layernorm"):
+            raise MPDiTError("norm dyt replaces LayerNorms, but the no_layernorm switch (in mp all) removes them all: "
+                             "drop --norm dyt or choose mp switches without no_layernorm")
+        weight_normalized = self.has("weight_norm") or self.has("forced_weight_norm")
+        if self.zero_init is None:
+            self.zero_init = self.norm != "dyt" or weight_normalized
+        if not self.zero_init and weight_normalized:
+            raise MPDiTError("zero_init off applies to DiT's plain linear layers; weight-normalized layers start from "
+                             "a zero gain instead: drop --zero-init off or the weight_norm switches")
         if not 0 <= self.class_dropout_prob < 1:
             raise MPDiTError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 

@@ -15,9 +15,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mpdit.diffusion.schedule import noise_conditioning
 from mpdit.errors import MPDiTError
 from mpdit.model.config import DiTConfig
+from mpdit.nn.dyt import DynamicTanh
 from mpdit.nn.modulation import ConditionProjection, apply_modulation, conditioning_ops, modulation_coefficients
 from mpdit.nn.primitives import (
     MPEmbedding,
@@ -86,7 +86,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Step t (N,) -> (N, D). DiT: 256 sinusoidal features of t; MP: MPFourier of EDM2's ln(sigma_t)/4."""
+    """Time input t (N,) -> (N, D). DiT: 256 sinusoidal features of t (a step in 0..999: DDPM's step, or 1000 times
+    the flow time); MP: MPFourier of t (EDM2's ln(sigma)/4, which the objective computes, or the raw step)."""
 
     def __init__(self, cfg: DiTConfig, num_features: int = 256):
         super().__init__()
@@ -96,8 +97,6 @@ class TimestepEmbedder(nn.Module):
             self.fourier = MPFourier(num_features)
             # mp_silu = silu / 0.596, the constant folded into the next layer's weight
             self.mlp = nn.Sequential(MPLinear(num_features, d), nn.SiLU(), MPLinear(d, d, input_gain=1 / 0.596))
-            self.raw_steps = cfg.timestep_input == "raw"
-            self.register_buffer("c_noise", noise_conditioning(cfg.num_timesteps), persistent=False)
         else:
             self.mlp = nn.Sequential(make_linear(cfg, num_features, d), activation(cfg, nn.SiLU()),
                                      make_linear(cfg, d, d))
@@ -105,19 +104,9 @@ class TimestepEmbedder(nn.Module):
                 if isinstance(layer, nn.Linear):
                     nn.init.normal_(layer.weight, std=0.02)
 
-    def noise_features(self, t: torch.Tensor) -> torch.Tensor:
-        """EDM2's c_noise at (possibly fractional) steps t, by linear interpolation of the table; (N,)."""
-        if not t.is_floating_point():
-            return self.c_noise[t.clamp(0, len(self.c_noise) - 1)]
-        t = t.clamp(0, len(self.c_noise) - 1)
-        low = t.floor().long()
-        high = (low + 1).clamp(max=len(self.c_noise) - 1)
-        return torch.lerp(self.c_noise[low], self.c_noise[high], t - low)
-
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if self.mp:
-            c = t.float() if self.raw_steps else self.noise_features(t)
-            features = self.fourier(c)  # (N, 256), unit RMS
+            features = self.fourier(t.float())  # (N, 256), unit RMS
         else:
             features = timestep_sinusoidal(t)
         return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, D)
@@ -186,13 +175,15 @@ class MLP(nn.Module):
 def make_norm(cfg: DiTConfig) -> nn.Module:
     if cfg.has("no_layernorm"):
         return nn.Identity()
+    if cfg.norm == "dyt":
+        return DynamicTanh()
     return nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
 
 
 def make_modulation(cfg: DiTConfig, ops: tuple[str, ...], suffixes: tuple[str, ...]) -> ConditionProjection:
     names = [op + suffix for suffix in suffixes for op in ops]
     return ConditionProjection(cfg.hidden_size, cfg.hidden_size, names, weight_norm=cfg.has("weight_norm"),
-                               forced=cfg.has("forced_weight_norm"))
+                               forced=cfg.has("forced_weight_norm"), zero_init=cfg.zero_init)
 
 
 def residual_scales(cfg: DiTConfig, depth: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -293,7 +284,8 @@ class FinalLayer(nn.Module):
         self.norm_final = make_norm(cfg)
         ops = tuple(op for op in conditioning_ops(cfg.conditioning) if op != "gate")
         self.modulation = make_modulation(cfg, ops, ("",))
-        self.linear = make_linear(cfg, cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, zero_init=True)
+        self.linear = make_linear(cfg, cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels,
+                                  zero_init=cfg.zero_init)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, coefficients: tuple | None = None) -> torch.Tensor:
         k = coefficients if coefficients is not None else modulation_coefficients(self.modulation(c))
@@ -303,7 +295,9 @@ class FinalLayer(nn.Module):
 class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffusion", "dit", "mpdit"]):
     """Class-conditional Diffusion Transformer; forward(x (N, C, H, W), t (N,), y (N,)) -> (N, C_out, H, W).
 
-    t are steps of the 1000-step training diffusion (integers, or fractions for the MP embedder),
+    t is the time input (N,) that the objective computes (mpdit.diffusion.objectives): for DiT's timestep
+    embedder a step-like value in 0..999 (DDPM's integer step, or 1000 times the flow time), for the MP embedder
+    EDM2's ln(sigma)/4 (or the raw step). The model knows nothing of the objective.
     y class indices in [0, num_classes], num_classes being the null class.
     Saves and loads as config.json + model.safetensors (save_pretrained / from_pretrained).
     """

@@ -1,10 +1,13 @@
-"""Sharing models Hub-style: save_pretrained / push_to_hub with a model card that records the training config,
-the metrics and the latent space, and export of a training checkpoint.
+"""Sharing models Hub-style: save_pretrained / push_to_hub with a model card that records the objective, the
+training config, the metrics and the latent space (a training checkpoint is exported by
+``mpdit.training.export.export_checkpoint``).
 
 A saved folder holds what PyTorchModelHubMixin writes (config.json, model.safetensors, README.md) plus
-``mpdit.json``: {"train_config", "metrics", "latents"} where "latents" (for latent models) is
-{"vae", "channel_mean", "channel_std"}, what MPDiTPipeline needs to decode. Load the model with
-``MPDiT.from_pretrained(PATH or Hub id)``.
+``mpdit.json``: {"objective", "train_config", "metrics", "latents"} where "objective" is the training objective
+(mpdit.diffusion.objectives.ObjectiveConfig as a dict; none recorded: ddpm) and "latents" (for latent models)
+{"vae", "channel_mean", "channel_std"}, what MPDiTPipeline needs to decode; and, as diffusers keeps it beside the
+model, ``scheduler/scheduler_config.json``: the diffusers scheduler that samples the objective. Load the model
+with ``MPDiT.from_pretrained(PATH or Hub id)``, the pipeline with ``MPDiTPipeline.from_pretrained_model``.
 """
 
 import json
@@ -15,6 +18,7 @@ from huggingface_hub import ModelCard
 from mpdit.model.dit import MPDiT
 
 INFO_FILE = "mpdit.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 PAPER = "https://arxiv.org/abs/2505.19122"
 
 
@@ -26,6 +30,9 @@ def model_card(model: MPDiT, info: dict) -> ModelCard:
              f"Class-conditional Diffusion Transformer with magnitude preservation and rotation modulation "
              f"([paper]({PAPER})); {model.num_params():,} parameters, input {cfg.in_channels}x{cfg.input_size}x"
              f"{cfg.input_size}, {cfg.num_classes} classes.", ""]
+    objective = info.get("objective") or {"objective": "ddpm"}
+    lines += [f"Training objective: **{objective['objective']}** (`{json.dumps(objective)}`; "
+              "docs/objectives.md of mpdit).", ""]
     for key, title in (("metrics", "Metrics"), ("train_config", "Training config"), ("latents", "Latent space")):
         if info.get(key):
             lines += [f"## {title}", "", "```json", json.dumps(info[key], indent=2), "```", ""]
@@ -37,12 +44,16 @@ def model_card(model: MPDiT, info: dict) -> ModelCard:
 
 
 def save_pretrained(model: MPDiT, path: str | Path, *, train_config: dict | None = None, metrics: dict | None = None,
-                    latents: dict | None = None) -> Path:
-    """Write PATH/config.json, model.safetensors, mpdit.json and a README.md model card; returns PATH."""
+                    latents: dict | None = None, objective: dict | None = None, scheduler: dict | None = None) -> Path:
+    """Write PATH/config.json, model.safetensors, mpdit.json, a README.md model card and, given ``scheduler`` (a
+    diffusers scheduler config with its "_class_name"), scheduler/scheduler_config.json; returns PATH."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    info = {"train_config": train_config, "metrics": metrics, "latents": latents}
+    info = {"objective": objective, "train_config": train_config, "metrics": metrics, "latents": latents}
     (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+    if scheduler is not None:
+        (path / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
+        (path / SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2))
     model_card(model, info).save(path / "README.md")
     model.save_pretrained(path)  # keeps our README.md
     return path
@@ -69,24 +80,3 @@ def push_to_hub(path: str | Path, repo_id: str, *, private: bool = False, token:
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return str(api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message="Upload mpdit model"))
-
-
-def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "auto") -> Path:
-    """A training run or checkpoint -> a save_pretrained folder, with the run's training config, the metrics
-    found beside the checkpoint (fid10k.json, fid50k.json, eval.json) and its latent space."""
-    from mpdit.data.latents import read_metadata
-    from mpdit.training.checkpoint import TRAIN_CONFIG, load_checkpoint_model, run_data_spec
-
-    model, checkpoint, weights = load_checkpoint_model(ckpt, weights)
-    folders = (checkpoint, checkpoint.parent, checkpoint.parent.parent)
-    train_config = next((json.loads((f / TRAIN_CONFIG).read_text()) for f in folders if (f / TRAIN_CONFIG).is_file()),
-                        None)
-    metrics = {name: json.loads((checkpoint / f"{name}.json").read_text())["metrics"]
-               for name in ("fid10k", "fid50k", "eval") if (checkpoint / f"{name}.json").is_file()}
-    data = run_data_spec(checkpoint)
-    latents = None
-    if data.startswith("latents:"):
-        meta = read_metadata(Path(data.removeprefix("latents:")).expanduser())
-        latents = {key: meta[key] for key in ("vae", "channel_mean", "channel_std", "resolution")}
-    return save_pretrained(model, out, train_config=train_config and {**train_config, "weights": weights},
-                           metrics=metrics or None, latents=latents)

@@ -136,10 +136,12 @@ class ConditionProjection(nn.Module):
     A rotation's vector has width D/2, any other D. All projections run as one matmul; with
     weight normalization each keeps its own learned scalar gain (starting at 0), which is exactly
     a set of separate zero-init MPLinear layers: per projection D*C + 1 parameters (a rotation D*C/2 + 1).
-    Without weight normalization it is one zero-init nn.Linear with bias, as DiT's adaLN projection.
+    Without weight normalization it is one zero-init nn.Linear with bias, as DiT's adaLN projection (or, with
+    zero_init off, xavier-initialised as DiT's other linears).
     """
 
-    def __init__(self, cond_dim: int, dim: int, names: list[str], *, weight_norm: bool, forced: bool):
+    def __init__(self, cond_dim: int, dim: int, names: list[str], *, weight_norm: bool, forced: bool,
+                 zero_init: bool = True):
         super().__init__()
         self.names = list(names)
         self.widths = [dim // 2 if name.startswith("rotation") else dim for name in self.names]
@@ -149,8 +151,11 @@ class ConditionProjection(nn.Module):
                                  gain_rows=self.widths)
         else:
             self.proj = nn.Linear(cond_dim, out)
-            nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
+            if zero_init:
+                nn.init.zeros_(self.proj.weight)
+            else:  # DyT's DiT recipe: DiT's basic init (xavier-uniform weight, zero bias) instead of zeros
+                nn.init.xavier_uniform_(self.proj.weight)
 
     def forward(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.proj(c)  # (N, sum of widths)

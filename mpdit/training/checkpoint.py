@@ -11,6 +11,7 @@ Every write goes to a temporary sibling (``NAME.tmp-<pid>``) that is fsynced and
 final name; leftovers named ``*.tmp-*`` are ignored by the listing functions.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -22,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpdit.diffusion.objectives import OBJECTIVE_FILE, Objective, ObjectiveConfig, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.model.dit import MPDiT, load_model
+from mpdit.model.hub import INFO_FILE
 
 # The file helpers live on the ground floor (mpdit/files.py); imported here for the callers of this module.
 from mpdit.files import (  # noqa: F401
@@ -138,14 +141,51 @@ def load_checkpoint_model(path: str | Path, weights: str = "auto", device: str =
     return load_model(checkpoint, files[weights], device), checkpoint, weights
 
 
-def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
-    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
-    if given:
-        return given
+def objective_config(checkpoint: Path) -> ObjectiveConfig:
+    """The objective a checkpoint was trained with: its objective.json, else its run's train_config.json, else an
+    exported folder's mpdit.json; DDPM for a checkpoint that records none (every run before objectives existed)."""
+    if (checkpoint / OBJECTIVE_FILE).is_file():
+        return ObjectiveConfig.from_dict(read_json(checkpoint / OBJECTIVE_FILE))
+    train_config = run_train_config(checkpoint)
+    if train_config:
+        names = [field.name for field in dataclasses.fields(ObjectiveConfig)]
+        return ObjectiveConfig.from_dict({key: train_config[key] for key in names if key in train_config})
+    if (checkpoint / INFO_FILE).is_file():
+        return ObjectiveConfig.from_dict(read_json(checkpoint / INFO_FILE).get("objective") or {})
+    return ObjectiveConfig()
+
+
+def run_train_config(checkpoint: Path) -> dict:
+    """The training options of the run a checkpoint belongs to (its train_config.json, found in the checkpoint
+    folder or the two above it), or {} for a folder that is not part of a run."""
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         if (folder / TRAIN_CONFIG).is_file():
-            return json.loads((folder / TRAIN_CONFIG).read_text())["data"]
-    return "mnist"
+            return read_json(folder / TRAIN_CONFIG)
+    return {}
+
+
+def checkpoint_objective(checkpoint: Path, model: MPDiT) -> Objective:
+    """The objective of a checkpoint (objective_config) for its model."""
+    try:
+        return make_objective(objective_config(checkpoint), model.config)
+    except MPDiTError as error:
+        raise MPDiTError(f"{checkpoint}: {error}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a one-line error naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MPDiTError(f"cannot read {path} ({error})") from None
+    if not isinstance(value, dict):
+        raise MPDiTError(f"{path} does not hold a JSON object")
+    return value
+
+
+def run_data_spec(checkpoint: Path, given: str | None = None) -> str:
+    """The dataset a checkpoint was trained on (from its run's train_config.json), unless given."""
+    return given or run_train_config(checkpoint).get("data", "mnist")
 
 
 # ----------------------------------------------------------------------------- RNG state

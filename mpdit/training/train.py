@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from mpdit.data.datasets import ImageDataset, load_dataset
-from mpdit.diffusion.gaussian import GaussianDiffusion
+from mpdit.data.datasets import ImageDataset, load_dataset, split_holdout
+from mpdit.diffusion.objectives import OBJECTIVE_FILE, Objective, ObjectiveConfig, fit_objective
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.files import remove_path
 from mpdit.model.config import DiTConfig
@@ -29,6 +29,7 @@ from mpdit.training.guard import DivergenceGuard, json_safe, require_finite
 from mpdit.training.rundir import RunLock, remove_leftovers, trim_log
 from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.telemetry import Telemetry
+from mpdit.training.validation import held_out_data, validation_loss
 
 TRAIN_CONFIG = ckpt.TRAIN_CONFIG
 # Optimizer settings per family (DESIGN.md section 4): DiT's, or the paper's for weight-normalized MP models.
@@ -42,6 +43,14 @@ class TrainConfig:
     """Everything about a training run except the model; saved as RUN_DIR/train_config.json."""
 
     data: str = "mnist"
+    # The objective (mpdit.diffusion.objectives.ObjectiveConfig, flattened): ddpm or flow, and flow's time sampling;
+    # sigma_data (flow, MP models): the data's RMS for the input scaling, measured at the run's start when None.
+    objective: str = "ddpm"
+    time_sampling: str = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigma_data: float | None = None
+    holdout: float = 0.0  # > 0: this share of the training images (a fixed draw) is kept out, for a validation loss
     image_size: int | None = None  # pad / resize the data to this side; None: the model's input size
     steps: int = 1000
     batch_size: int = 64  # global: split across ranks
@@ -67,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     max_bad_steps: int = 10  # stop after this many steps in a row skipped for a non-finite loss or gradient
+    val_every: int = 0  # > 0: log the validation loss (mpdit.training.validation) of the raw weights every N steps
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -77,7 +87,8 @@ class TrainConfig:
             raise MPDiTError(f"min_snr_gamma must be >= 0 (0: off), got {self.min_snr_gamma}")
         if self.steps < 0 or self.batch_size < 1:
             raise MPDiTError("steps must be >= 0 and batch size >= 1")
-        for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every", "keep_checkpoints"):
+        for name in ("log_every", "telemetry_every", "sample_every", "ckpt_every", "snapshot_every", "keep_checkpoints",
+                     "val_every"):
             if getattr(self, name) < 0:
                 raise MPDiTError(f"{name} must be >= 0")
         if not self.lr > 0:
@@ -90,6 +101,13 @@ class TrainConfig:
             raise MPDiTError(f"the EMA decay must be in (0, 1) (0 on the command line disables it), got {self.ema_decay}")
         if self.max_bad_steps < 1:
             raise MPDiTError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if not 0 <= self.holdout < 1:
+            raise MPDiTError(f"the holdout fraction must be in [0, 1) (0: none), got {self.holdout}")
+        self.objective_config()
+
+    def objective_config(self) -> ObjectiveConfig:
+        """The run's objective (checked: an unknown name or a bad option is a one-line error)."""
+        return ObjectiveConfig(self.objective, self.time_sampling, self.logit_mean, self.logit_std, self.sigma_data)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -173,14 +191,16 @@ def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> torc
     return order[index * batch_size:(index + 1) * batch_size]
 
 
-def global_batch(data: ImageDataset, cfg: TrainConfig, model_cfg: DiTConfig, step: int):
+def global_batch(data: ImageDataset, cfg: TrainConfig, objective: Objective, step: int):
     """x0 (B, C, H, W) in model space (data.model_batch), labels with dropout to the null class, t (B,), noise.
 
-    The data's own draws (a latent dataset's eps) come from the step's generator after t, noise and dropout.
+    t are the objective's times (DDPM: integer steps), drawn first from the step's generator; the data's own draws
+    (a latent dataset's eps) come from it after t, noise and dropout.
     """
+    model_cfg = objective.model_config
     idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
     gen = step_generator(cfg.seed, step, stream=1)
-    t = torch.randint(0, model_cfg.num_timesteps, (len(idx),), generator=gen)
+    t = objective.draw_times(len(idx), gen)
     noise = torch.randn((len(idx), data.channels, *data.resolution), generator=gen)
     drop = torch.rand(len(idx), generator=gen) < model_cfg.class_dropout_prob
     y = torch.where(drop, model_cfg.num_classes, data.labels[idx])
@@ -207,9 +227,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # model init
         size = cfg.image_size or model_cfg.input_size
         self.data = data.fit(size) if data is not None else load_dataset(cfg.data, "train", size)
+        if cfg.holdout:
+            self.data = split_holdout(self.data, cfg.holdout)[0]
         self.check_data_fits_model()
         self.model = MPDiT(model_cfg).to(self.dist.device)
-        self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
+        self.objective = fit_objective(cfg.objective_config(), model_cfg, self.data)
+        cfg.sigma_data = self.objective.config.sigma_data  # measured from the data where the objective needs it
         # fused (make_optimizer): its kernel reads optimizer.found_inf, so the divergence guard skips without a sync
         self.optimizer = make_optimizer(weight_decay_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas)
         self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.t_ref)
@@ -225,6 +248,7 @@ class Trainer:
         self.eager_forward = net
         self.forward = torch.compile(net) if self.compiled else net
         self.telemetry = Telemetry(self.model)
+        self.held_out = None  # the held-out images of --val-every, loaded when first needed
 
     def check_data_fits_model(self) -> None:
         shape, m = (self.data.channels, *self.data.resolution), self.model_cfg
@@ -305,6 +329,7 @@ class Trainer:
         with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
             ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
             (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
+            (tmp / OBJECTIVE_FILE).write_text(json.dumps(self.objective.config.to_dict(), indent=2))
             if self.ema:
                 ckpt.save_safetensors(tmp / "ema.safetensors", self.ema.state_dict())
             if self.power_ema:
@@ -370,7 +395,7 @@ class Trainer:
     def train_step(self, record: bool) -> dict:
         """One optimizer step on this rank's share of the global batch; returns scalar stats as 0-d tensors
         (read them only when logging: reading one waits for the device)."""
-        x0, y, t, noise = global_batch(self.data, self.cfg, self.model_cfg, self.step)
+        x0, y, t, noise = global_batch(self.data, self.cfg, self.objective, self.step)
         share = slice(self.dist.rank * len(x0) // self.dist.world_size,
                       (self.dist.rank + 1) * len(x0) // self.dist.world_size)
         cuda = self.dist.device.type == "cuda"  # pinned + non_blocking: the copy does not wait for the device
@@ -380,7 +405,7 @@ class Trainer:
         self.model.train()
         forward = self.eager_forward if record else self.forward  # a compiled graph runs no telemetry hooks
         with self.telemetry.recording(record), self.autocast():
-            losses = self.diffusion.training_losses(lambda x, s: forward(x, s, y), x0, t, noise,
+            losses = self.objective.training_losses(lambda x, s: forward(x, s, y), x0, t, noise,
                                                     min_snr_gamma=self.cfg.min_snr_gamma)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -402,6 +427,12 @@ class Trainer:
         if self.power_ema:
             self.power_ema.update(self.model)
         return stats | {"grad_norm": grad_norm.detach()}
+
+    def validation_loss(self) -> float:
+        """The validation loss of the raw weights (mpdit.training.validation) on the run's held-out images."""
+        if self.held_out is None:
+            self.held_out = held_out_data(self.cfg.data, self.model_cfg.input_size, self.cfg.holdout)
+        return validation_loss(self.model, self.objective, self.held_out, device=self.dist.device)["val_loss"]
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -473,7 +504,8 @@ class Trainer:
                           flush=True)
                 due = lambda every: bool(every) and self.step % every == 0  # noqa: E731
                 snapshot = bool(cfg.snapshot_every and self.power_ema) and due(cfg.snapshot_every)
-                logged = due(cfg.log_every) or record or self.step == cfg.steps
+                validate = main and due(cfg.val_every)
+                logged = due(cfg.log_every) or record or self.step == cfg.steps or validate
                 synchronised = logged or snapshot or due(cfg.ckpt_every)  # steps that read the device anyway
                 if synchronised:
                     streak, skipped = self.guard.counts()
@@ -486,6 +518,8 @@ class Trainer:
                              "images_per_s": round(rate, 2), "time": time.time()}
                     if record:
                         entry["telemetry"] = self.telemetry.report()
+                    if validate:
+                        entry["val_loss"] = self.validation_loss()
                     log.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
                     log.flush()
                     if bar is not None:
