@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mpdit.diffusion.gaussian import GaussianDiffusion
+from mpdit.diffusion.objectives import make_objective
 from mpdit.model.dit import build_model
 from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.train import family_optimizer, make_optimizer
@@ -37,7 +37,7 @@ def check(variant: str, args) -> dict:
     opt = family_optimizer(model.config)
     optimizer = make_optimizer(model.parameters(), opt["lr"], opt["betas"])
     schedule = make_schedule(opt["schedule"], opt["lr"], opt.get("warmup_steps", 200), 1000)
-    diffusion = GaussianDiffusion.dit(1000, learn_sigma=True)
+    objective = make_objective(None, model.config)  # DDPM
     shape = (args.batch_size, 4, args.latent_size, args.latent_size)
     x0 = torch.randn(shape, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -53,7 +53,7 @@ def check(variant: str, args) -> dict:
         t = torch.randint(0, 1000, (args.batch_size,), device=device)
         set_lr(optimizer, schedule(step))
         with autocast:
-            loss = diffusion.training_losses(lambda x, s: model(x, s, y), x0, t, torch.randn_like(x0))["loss"].mean()
+            loss = objective.training_losses(lambda x, s: model(x, s, y), x0, t, torch.randn_like(x0))["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,14 +87,14 @@ def compiled_matches_eager(args, steps: int = 4) -> dict:
                             conditioning="scale-rotation-gate").to(device)
         forward = torch.compile(model) if compiled else model
         optimizer = make_optimizer(model.parameters(), 1e-2, (0.9, 0.99))
-        diffusion = GaussianDiffusion.dit(1000, learn_sigma=True)
+        objective = make_objective(None, model.config)
         gen = torch.Generator().manual_seed(1)
         for _ in range(steps):
             x0 = torch.randn(8, 4, 8, 8, generator=gen).to(device)
             y = torch.randint(0, 10, (8,), generator=gen).to(device)
             t = torch.randint(0, 1000, (8,), generator=gen).to(device)
             noise = torch.randn(8, 4, 8, 8, generator=gen).to(device)
-            loss = diffusion.training_losses(lambda x, s: forward(x, s, y), x0, t, noise)["loss"].mean()
+            loss = objective.training_losses(lambda x, s: forward(x, s, y), x0, t, noise)["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

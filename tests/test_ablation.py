@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -304,3 +305,58 @@ def test_gpu_script_runs_on_cpu_at_tiny_scale(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4 * 2 * 3  # rows x evaluated steps x guidance scales
+
+
+def test_flow_dyt_and_width_rows_with_validation_loss_beside_old_records(tmp_path, tiny_idx):
+    rows = [Row("dit"), Row("dit-dyt", norm="dyt", lr=1e-3),
+            Row("mp-flow", "all", "scale-rotation-gate", objective="flow", sampler="euler", width=64)]
+    small = dataclasses.replace(budget(tiny_idx), seeds=1)
+    run_grid(tmp_path, rows, small)
+    with open(tmp_path / "results.csv") as f:
+        records = {r["row"]: r for r in csv.DictReader(f)}
+    assert records["mp-flow"]["objective"] == "flow" and records["dit-dyt"]["norm"] == "dyt"
+    assert records["mp-flow"]["width"] == "64" and records["dit"]["width"] == "64"  # DiT-Nano's own width is 64
+    assert all(float(r["val_loss"]) > 0 for r in records.values())
+    assert "| mp-flow | all, flow |" in (tmp_path / "results.md").read_text()
+    # a run recorded before validation losses existed stays finished, with the loss shown empty
+    saved = tmp_path / "runs/dit/seed-0/records.json"
+    old = json.loads(saved.read_text())
+    for record in old["records"]:
+        for key in ("val_loss", "objective", "norm", "width"):
+            del record[key]
+    saved.write_text(json.dumps(old))
+    shutil.rmtree(tmp_path / "runs/dit/seed-0/checkpoints")
+    run_grid(tmp_path, rows, small)
+    with open(tmp_path / "results.csv") as f:
+        records = {r["row"]: r for r in csv.DictReader(f)}
+    assert records["dit"]["val_loss"] == "" and records["dit"]["objective"] == "ddpm"
+    assert not (tmp_path / "runs/dit/seed-0/checkpoints").exists()  # not retrained
+    with pytest.raises(MPDiTError, match="width must be a multiple of the head dimension 32"):
+        Row("w", width=48)
+    with pytest.raises(MPDiTError, match="no_layernorm switch"):
+        Row("w", "all", norm="dyt")
+
+
+def test_lr_transfer_finds_each_widths_best_lr_and_its_shift(tmp_path):
+    from mpdit.evaluation.transfer import best_lrs, loss_curves, plot_transfer, shift_per_doubling, transfer_markdown
+
+    def line(family, width, lr, loss, step=2000):
+        return {"row": f"{family}-w{width}@lr={lr:g}", "lr": lr, "step": step, "val_loss": loss}
+
+    # family a: the best lr falls by a decade (2 half-decades) per doubling; family b: it stays at 1e-2
+    lines = [line("a", 64, lr, abs(math.log10(lr) + 2)) for lr in (1e-3, 1e-2, 1e-1)]
+    lines += [line("a", 128, lr, abs(math.log10(lr) + 3)) for lr in (1e-4, 1e-3, 1e-2)]
+    lines += [line("b", w, lr, abs(math.log10(lr) + 2) + 1 / w) for w in (64, 128, 256) for lr in (1e-3, 1e-2, 3e-2)]
+    lines += [line("a", 64, 1e-2, 9.0, step=1000), {"row": "other", "lr": 1.0, "step": 2000, "val_loss": 0.0},
+              line("c", 64, 1e-2, None)]
+    curves = loss_curves(lines, 2000)
+    assert set(curves) == {"a", "b"}
+    best = best_lrs(curves)
+    assert best["a"][64]["lr"] == 1e-2 and best["a"][128]["lr"] == 1e-3 and not best["a"][64]["edge"]
+    assert shift_per_doubling(best["a"]) == pytest.approx(-2.0) and shift_per_doubling(best["b"]) == pytest.approx(0)
+    assert best["b"][256]["val_loss"] == pytest.approx(1 / 256)
+    edge = loss_curves([line("d", 64, lr, lr) for lr in (1e-3, 1e-2, 1e-1)], 2000)
+    assert best_lrs(edge)["d"][64] == {"lr": 1e-3, "val_loss": 1e-3, "edge": True}
+    text = transfer_markdown(curves, 2000)
+    assert "| a | 0.01 (0.0000) | 0.001 (0.0000) |  | -2.00 |" in text and "0.001* (" in transfer_markdown(edge, 2000)
+    assert plot_transfer(curves, tmp_path / "t.png", 2000).stat().st_size > 1000

@@ -36,6 +36,25 @@ def test_params_table_has_baseline_count(capsys):
     assert "32,963,360" in capsys.readouterr().out
 
 
+def test_params_dyt_rows_add_one_scalar_per_layernorm(capsys):
+    assert main(["params", "--model", "DiT-S/2", "--mp", "none;all", "--conditioning", "adaln-zero", "--json"]) == 0
+    rows = {(r["mp"], r["norm"]): r["params"] for r in json.loads(capsys.readouterr().out)}
+    assert rows[("none", "dyt")] == rows[("none", "layernorm")] + 2 * 12 + 1 == 32_963_385
+    assert ("all", "dyt") not in rows  # mp all has no LayerNorm to replace
+
+
+def test_bench_objective_flow_prints_its_ratio_to_ddpm(capsys):
+    assert main(["bench", "--model", "DiT-Nano/4", "--batch", "2", "--input-size", "8", "--num-classes", "10",
+                 "--repeats", "2", "--warmup", "1", "--variants", "all:scale-rotation-gate", "--objective", "flow",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["mp"], r["objective"]) for r in rows] == [("none", "ddpm"), ("none", "flow"), ("all", "ddpm"),
+                                                         ("all", "flow")]
+    for ddpm, flow in (rows[:2], rows[2:]):
+        assert flow["train_vs_ddpm"] == pytest.approx(flow["train_ms"] / ddpm["train_ms"], rel=0.02)
+        assert flow["params"] < ddpm["params"]  # no variance channels
+
+
 def test_unknown_model_is_a_one_line_error():
     result = subprocess.run([sys.executable, "-m", "mpdit.cli.main", "params", "--model", "DiT-Q/2"],
                             capture_output=True, text=True)

@@ -393,3 +393,19 @@ def test_bad_objective_and_dyt_input_is_one_line_and_writes_nothing(tmp_path, ti
     assert main(["ablate", "--grid", str(grid), "--out", str(tmp_path / "g")]) == 2
     assert "sampler 'ddim' is not a flow sampler" in error_line(capsys)
     assert not (tmp_path / "g" / "runs").exists()
+
+
+def test_the_model_imports_nothing_of_diffusion_or_training():
+    """A house with no upward arrows: mpdit/model knows nothing of objectives, diffusion or training."""
+    import ast
+    from pathlib import Path
+
+    import mpdit.model
+
+    for path in Path(mpdit.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            upward = [n for n in names if n.startswith(("mpdit.diffusion", "mpdit.training", "mpdit.evaluation",
+                                                        "mpdit.cli", "mpdit.pipeline"))]
+            assert not upward, f"{path.name} imports {upward}"

@@ -1,8 +1,9 @@
-"""`mpdit params`: parameter counts per conditioning variant and mp preset, with differences in percent."""
+"""`mpdit params`: parameter counts per conditioning variant and mp preset, with differences in percent; for mp
+settings that keep LayerNorms, also the DyT rows (each LayerNorm replaced by tanh(alpha x): one scalar per layer)."""
 
 import json
 
-from mpdit.model.config import DiTConfig, mp_label, parse_mp
+from mpdit.model.config import NORMS, DiTConfig, mp_label, parse_mp
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import CONDITIONINGS
 
@@ -12,14 +13,16 @@ def param_table(model: str, mp_specs: list[str], conditionings: list[str], **ove
     rows = []
     for spec in mp_specs:
         switches = parse_mp(spec)
-        counts = {name: count_params(DiTConfig.from_preset(model, mp=switches, conditioning=name, **overrides))
-                  for name in conditionings}
-        for name, params in counts.items():
-            row = {"model": model, "mp": mp_label(switches), "conditioning": name, "params": params}
-            for ref in ("adaln-zero", "scale-shift-gate"):
-                if ref in counts:
-                    row[f"vs_{ref}_pct"] = round(100.0 * (params - counts[ref]) / counts[ref], 3)
-            rows.append(row)
+        for norm in NORMS if "no_layernorm" not in switches else ("layernorm",):
+            counts = {name: count_params(DiTConfig.from_preset(model, mp=switches, conditioning=name, norm=norm,
+                                                               **overrides))
+                      for name in conditionings}
+            for name, params in counts.items():
+                row = {"model": model, "mp": mp_label(switches), "norm": norm, "conditioning": name, "params": params}
+                for ref in ("adaln-zero", "scale-shift-gate"):
+                    if ref in counts:
+                        row[f"vs_{ref}_pct"] = round(100.0 * (params - counts[ref]) / counts[ref], 3)
+                rows.append(row)
     return rows
 
 
@@ -33,10 +36,12 @@ def run(args) -> int:
         return 0
     print(f"{args.model}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"{args.num_classes} classes, learned sigma: {not args.no_learn_sigma}")
-    print(f"{'mp':<8} {'conditioning':<22} {'params':>14} {'vs adaln-zero':>14} {'vs scale-shift-gate':>20}")
+    print(f"{'mp':<8} {'norm':<10} {'conditioning':<22} {'params':>14} {'vs adaln-zero':>14} "
+          f"{'vs scale-shift-gate':>20}")
     for row in rows:
         pct = [f"{row[k]:+.2f}%" if k in row else "-" for k in ("vs_adaln-zero_pct", "vs_scale-shift-gate_pct")]
-        print(f"{row['mp']:<8} {row['conditioning']:<22} {row['params']:>14,} {pct[0]:>14} {pct[1]:>20}")
+        print(f"{row['mp']:<8} {row['norm']:<10} {row['conditioning']:<22} {row['params']:>14,} {pct[0]:>14} "
+              f"{pct[1]:>20}")
     return 0
 
 

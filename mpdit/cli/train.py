@@ -18,7 +18,8 @@ from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, s
 from mpdit.diffusion.flow import TIME_SAMPLINGS
 from mpdit.diffusion.objectives import OBJECTIVES
 from mpdit.errors import MPDiTError
-from mpdit.model.config import ATTENTION_OUTPUTS, NORMS, DiTConfig, attention_output_setting
+from mpdit.model.config import (ATTENTION_OUTPUTS, HEAD_DIM, NORMS, ZERO_INIT, DiTConfig, attention_output_setting,
+                                width_overrides)
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import list_checkpoints
 from mpdit.training.schedules import RECIPES, SCHEDULES, recipe_options
@@ -82,7 +83,7 @@ def build_configs(args) -> tuple[DiTConfig, TrainConfig, ImageDataset]:
                                       normalize_attention_output=attention_output_setting(args.attention_output,
                                                                                           args.mp),
                                       norm=args.norm, zero_init=ZERO_INIT[args.zero_init],
-                                      learn_sigma=OBJECTIVES[args.objective].learn_sigma)
+                                      learn_sigma=OBJECTIVES[args.objective].learn_sigma, **width_overrides(args.width))
     size = model_cfg.input_size
     family = family_optimizer(model_cfg)
     chosen = {key: getattr(args, key) for key in ("lr", "schedule", "warmup_steps") if getattr(args, key) is not None}
@@ -177,9 +178,6 @@ def run(args) -> int:
     return 0
 
 
-ZERO_INIT = {"on": True, "off": False, None: None}
-
-
 def add_model_options(parser) -> None:
     parser.add_argument("--model", default="DiT-Micro/4", help="zoo name (default DiT-Micro/4; see mpdit params)")
     parser.add_argument("--mp", default="all", help="all, none, or a comma list of switches (default all)")
@@ -194,6 +192,9 @@ def add_model_options(parser) -> None:
     parser.add_argument("--norm", choices=NORMS, default="layernorm",
                         help="what stands where DiT has a LayerNorm: layernorm (default) or dyt (DynamicTanh, "
                              "tanh(alpha x), alpha from 0.5); needs mp switches without no_layernorm (e.g. --mp none)")
+    parser.add_argument("--width", type=int, default=None, metavar="N",
+                        help=f"hidden size N instead of the zoo model's, with heads of dimension {HEAD_DIM} (N / "
+                             f"{HEAD_DIM} heads; default: the zoo model's)")
     parser.add_argument("--zero-init", choices=["on", "off"], default=None,
                         help="zero-initialise DiT's adaLN projections and final linear (default on; off with "
                              "--norm dyt, as DyT's DiT recipe)")

@@ -1,8 +1,9 @@
 """Ancestral (DDPM) and DDIM samplers for GaussianDiffusion, deterministic given a torch.Generator.
 
 model_fn(x_t, t) -> (N, 2C or C, H, W) is called with x_t (N, C, H, W) and t a long tensor (N,) of
-ORIGINAL-scale steps. Classifier-free guidance lives in the model: pass
-model_fn = lambda x, t: model.guided_forward(x, t, y, scale). Every random draw is
+ORIGINAL-scale steps; the DDPM objective (mpdit.diffusion.objectives) turns them into the model's time input, so
+sample through it: objective.sample(lambda x, s: model.guided_forward(x, s, y, scale), ...). Classifier-free
+guidance lives in the model. Every random draw is
 torch.randn(..., generator=generator) on the CPU, then moved to `device`, so a seed gives the same
 noise on any device.
 """

@@ -15,7 +15,9 @@ stopped by the divergence guard is finished too, evaluated at the steps it reach
 evaluated step also has its validation loss, CHECKPOINT/val-loss.json, a column of the CSV and the tables, missing
 for runs recorded before it existed),
 OUT/grid.json (budget and rows: itself a grid file), OUT/results.csv (one line per run, step and guidance),
-OUT/results.md, and with several evaluated steps OUT/curves.png (all three rewritten after each run).
+OUT/results.md, with several evaluated steps OUT/curves.png, and for rows named FAMILY-wWIDTH@lr=LR the
+learning-rate transfer across widths (mpdit.evaluation.transfer: a section of results.md and OUT/lr-transfer.png),
+all rewritten after each run.
 """
 
 import csv
@@ -32,16 +34,14 @@ from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.evaluation.evaluate import evaluate, evaluate_loss
-from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
+from mpdit.evaluation.transfer import loss_curves, plot_transfer, transfer_markdown
+from mpdit.model.config import (MP_SWITCHES, ZERO_INIT, DiTConfig, attention_output_setting, parse_mp,
+                                width_overrides)
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
 from mpdit.training.train import (TrainConfig, Trainer, TrainingDiverged, family_optimizer, model_config_for_data,
                                   read_run_configs)
-
-HEAD_DIM = 32  # a row's width sets its heads: width / HEAD_DIM
-ZERO_INIT = {"on": True, "off": False, None: None}
-
 
 @dataclass
 class Row:
@@ -74,17 +74,14 @@ class Row:
         ObjectiveConfig(self.objective, self.time_sampling, self.logit_mean, self.logit_std)
         if self.zero_init not in ZERO_INIT:
             raise MPDiTError(f"zero_init must be on or off (or left out), got {self.zero_init!r}")
-        if self.width is not None and (self.width < HEAD_DIM or self.width % HEAD_DIM):
-            raise MPDiTError(f"width must be a multiple of the head dimension {HEAD_DIM}, got {self.width}")
         DiTConfig(**self.model_overrides())  # the switches, norm and zero init fit together
 
     def model_overrides(self) -> dict:
         """The DiTConfig fields this row sets (besides the budget's model and the data's shape)."""
-        size = {} if self.width is None else {"hidden_size": self.width, "num_heads": self.width // HEAD_DIM}
         return dict(mp=self.mp, conditioning=self.conditioning, timestep_input=self.timestep_input,
                     normalize_attention_output=attention_output_setting(self.attention_output, self.mp),
                     norm=self.norm, zero_init=ZERO_INIT[self.zero_init],
-                    learn_sigma=OBJECTIVES[self.objective].learn_sigma, **size)
+                    learn_sigma=OBJECTIVES[self.objective].learn_sigma, **width_overrides(self.width))
 
     def objective_options(self) -> dict:
         """The TrainConfig fields of this row's objective."""
@@ -555,5 +552,9 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
             from mpdit.evaluation.plots import plot_curves
 
             plot_curves(best_guidance(lines), out / "curves.png")
+        curves = loss_curves(lines, budget.steps)  # rows named FAMILY-wWIDTH@lr=LR
+        if curves:
+            text += transfer_markdown(curves, budget.steps)
+            plot_transfer(curves, out / "lr-transfer.png", budget.steps)
     (out / "results.md").write_text(text + diverged_table(runs))
     return best

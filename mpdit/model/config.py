@@ -58,6 +58,19 @@ def mp_label(switches: tuple[str, ...]) -> str:
     return ",".join(switches)
 
 
+ZERO_INIT = {"on": True, "off": False, None: None}  # --zero-init on|off as a DiTConfig.zero_init
+HEAD_DIM = 32  # a width (mpdit train --width, a grid row's) sets the heads: width / HEAD_DIM
+
+
+def width_overrides(width: int | None) -> dict:
+    """A width N: the model's hidden size N with heads of dimension HEAD_DIM (so heads scale with the width)."""
+    if width is None:
+        return {}
+    if width < HEAD_DIM or width % HEAD_DIM:
+        raise MPDiTError(f"width must be a multiple of the head dimension {HEAD_DIM}, got {width}")
+    return {"hidden_size": width, "num_heads": width // HEAD_DIM}
+
+
 # Model zoo: DiT's sizes plus XS (the paper) and small sizes for CPU work: (depth, hidden, heads).
 SIZES = {
     "Nano": (2, 64, 2),
