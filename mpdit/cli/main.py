@@ -17,7 +17,7 @@ from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
 
 SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
-               "classifier"]
+               "gradnoise", "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

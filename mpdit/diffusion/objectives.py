@@ -107,6 +107,14 @@ class Objective(ABC):
                         min_snr_gamma: float = 0.0) -> dict:
         """Per-sample (N,) tensors: loss (what is minimised), mse (unweighted, on the objective's target), vb."""
 
+    @abstractmethod
+    def time_bins(self, bins: int) -> list[tuple]:
+        """``bins`` equal bins (low, high) of the objective's time, from low noise to high."""
+
+    @abstractmethod
+    def draw_times_between(self, n: int, generator: torch.Generator, low, high) -> torch.Tensor:
+        """n times drawn uniformly within [low, high) of a bin."""
+
     def validation_times(self, n: int) -> list[torch.Tensor]:
         """The validation loss's fixed times: one (n,) tensor per level."""
         return [torch.full((n,), level) for level in self.validation_levels()]
@@ -182,6 +190,14 @@ class DDPMObjective(Objective):
     def training_losses(self, net, x0, t, noise, min_snr_gamma=0.0):
         return self.diffusion.training_losses(self.denoiser(net), x0, t, noise, min_snr_gamma=min_snr_gamma)
 
+    def time_bins(self, bins):
+        T = self.model_config.num_timesteps
+        edges = [round(k * T / bins) for k in range(bins + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
+    def draw_times_between(self, n, generator, low, high):
+        return torch.randint(low, high, (n,), generator=generator)
+
     def validation_levels(self):
         T = self.model_config.num_timesteps
         return [int((k + 0.5) * T / VALIDATION_LEVELS) for k in range(VALIDATION_LEVELS)]
@@ -255,6 +271,12 @@ class FlowObjective(Objective):
             raise MPDiTError(f"model output has shape {tuple(out.shape)}, expected {tuple(x0.shape)} (the velocity)")
         mse = mean_flat((out.float() - flow.velocity(x0, noise)) ** 2)
         return dict(loss=mse, mse=mse, vb=torch.zeros_like(mse))
+
+    def time_bins(self, bins):
+        return [(k / bins, (k + 1) / bins) for k in range(bins)]
+
+    def draw_times_between(self, n, generator, low, high):
+        return low + (high - low) * torch.rand(n, generator=generator)
 
     def validation_levels(self):
         return [(k + 0.5) / VALIDATION_LEVELS for k in range(VALIDATION_LEVELS)]

@@ -1,0 +1,59 @@
+"""`mpdit gradnoise`: the simple gradient noise scale B = tr(Sigma) / |G|^2 (McCandlish et al. 2018) of a checkpoint's
+training loss, in total and per noise-level bin (mpdit.training.gradnoise).
+
+    mpdit gradnoise --ckpt RUN_OR_CHECKPOINT [--batches 32] [--batch-size 64] [--bins 5] [--seed 0] [--json]
+
+The loss is the run's own (its objective, Min-SNR weighting and label dropout), on its training data, with the
+raw weights by default (the weights the optimizer steps); K = --batches independent batches of --batch-size
+images each, seeded. Writes CHECKPOINT/gradnoise.json unless --out names another file.
+"""
+
+import json
+from pathlib import Path
+
+from mpdit.data.datasets import load_dataset
+from mpdit.diffusion.generate import device_of
+from mpdit.training.checkpoint import checkpoint_objective, load_checkpoint_model, run_data_spec, run_train_config
+from mpdit.training.gradnoise import gradient_noise_scale
+
+
+def run(args) -> int:
+    device = device_of(args.device)
+    model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
+    objective = checkpoint_objective(checkpoint, model)
+    data = load_dataset(run_data_spec(checkpoint), "train", model.config.input_size)
+    min_snr_gamma = run_train_config(checkpoint).get("min_snr_gamma", 0.0)
+    result = gradient_noise_scale(model, objective, data, batches=args.batches, batch_size=args.batch_size,
+                                  bins=args.bins, seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
+    result = {"checkpoint": str(checkpoint), "weights": weights, "objective": objective.name,
+              "min_snr_gamma": min_snr_gamma, **result}
+    out = Path(args.out) if args.out else checkpoint / "gradnoise.json"
+    out.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result | {"written_to": str(out)}))
+        return 0
+    total = result["total"]
+    print(f"gradient noise scale of {checkpoint} ({weights} weights, {objective.name}; {args.batches} batches of "
+          f"{args.batch_size}): B_simple {total['b_simple']:.4g} (tr Sigma {total['trace_sigma']:.4g}, "
+          f"|G|^2 {total['grad_norm_sq']:.4g})")
+    for b in result["bins"]:
+        low, high = b["range"]
+        print(f"  time {low:g}-{high:g}: B_simple {b['b_simple']:.4g} (tr Sigma {b['trace_sigma']:.4g}, "
+              f"|G|^2 {b['grad_norm_sq']:.4g})")
+    print(f"written to {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("gradnoise", help="gradient noise scale of a checkpoint's training loss",
+                                   description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="run folder, its checkpoints/ folder, or one step folder")
+    parser.add_argument("--weights", default="raw", help="raw (default), ema, or sigma-S.SSS")
+    parser.add_argument("--batches", type=int, default=32, help="K independent batches (default 32)")
+    parser.add_argument("--batch-size", type=int, default=64, help="b images per batch (default 64)")
+    parser.add_argument("--bins", type=int, default=5, help="noise-level bins (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--out", default=None, help="JSON result path (default CHECKPOINT/gradnoise.json)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.set_defaults(func=run)
