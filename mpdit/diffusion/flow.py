@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from mpdit.diffusion.sampling import stepping
+
 # MP models see ln(sigma)/4 of the path's noise-to-signal ratio sigma = t / (1 - t), clamped to sigma in
 # [1e-4, 1e4] (time inputs within +-ln(1e4)/4 = +-2.30), finite at t = 0 and t = 1.
 SIGMA_RANGE = (1e-4, 1e4)
@@ -61,21 +63,8 @@ def input_scale(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 
 def _steps(grid: torch.Tensor, progress, desc: str):
-    """(t, t_next) pairs of the grid, advancing a progress bar as the DDPM samplers do."""
-    pairs = list(zip(grid[:-1].tolist(), grid[1:].tolist()))
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        return tqdm(pairs, desc=desc)
-    if progress:
-        return _advancing(pairs, progress)
-    return pairs
-
-
-def _advancing(pairs, bar):
-    for pair in pairs:
-        yield pair
-        bar.update(1)
+    """(t, t_next) pairs of the grid, with progress as the DDPM samplers' (``stepping``)."""
+    return stepping(list(zip(grid[:-1].tolist(), grid[1:].tolist())), progress, desc)
 
 
 def _times(t: float, x: torch.Tensor) -> torch.Tensor:

@@ -21,24 +21,28 @@ def _randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
 
 
-def _steps(diffusion: GaussianDiffusion, progress, desc: str):
-    """Indices T-1, ..., 0: wrapped in a tqdm bar of their own when progress is True; when progress is a tqdm bar
-    (a caller's bar over several sampling loops), that bar advances by one per step."""
-    indices = range(diffusion.num_timesteps - 1, -1, -1)
+def stepping(items, progress, desc: str):
+    """The sampling loop's items: wrapped in a tqdm bar of their own when progress is True; when progress is a tqdm
+    bar (a caller's bar over several sampling loops), that bar advances by one per item."""
     if progress is True:
         from tqdm.auto import tqdm
 
-        return tqdm(indices, desc=desc, total=diffusion.num_timesteps)
+        return tqdm(items, desc=desc, total=len(items))
     if progress:
-        return _advancing(indices, progress)
-    return indices
+        return _advancing(items, progress)
+    return items
 
 
-def _advancing(indices, bar):
-    """Yield the indices, advancing `bar` by one after each step is done."""
-    for i in indices:
-        yield i
+def _advancing(items, bar):
+    """Yield the items, advancing `bar` by one after each step is done."""
+    for item in items:
+        yield item
         bar.update(1)
+
+
+def _steps(diffusion: GaussianDiffusion, progress, desc: str):
+    """Indices T-1, ..., 0, with progress as ``stepping``."""
+    return stepping(range(diffusion.num_timesteps - 1, -1, -1), progress, desc)
 
 
 def _start(shape, generator, device, noise) -> torch.Tensor:
