@@ -374,3 +374,12 @@ def test_lr_transfer_finds_each_widths_best_lr_and_its_shift(tmp_path):
     text = transfer_markdown(curves, 2000)
     assert "| a | 0.01 (0.0000) | 0.001 (0.0000) |  | -2.00 |" in text and "0.001* (" in transfer_markdown(edge, 2000)
     assert plot_transfer(curves, tmp_path / "t.png", 2000).stat().st_size > 1000
+
+
+def test_flow_rows_refuse_a_min_snr_budget_and_rows_set_their_precision(tmp_path):
+    with pytest.raises(MPDiTError, match="grid row f: the budget's Min-SNR weighting is DDPM's"):
+        run_grid(tmp_path / "g", [Row("f", objective="flow", sampler="heun")], Budget(min_snr_gamma=5.0))
+    assert not (tmp_path / "g").exists()
+    assert Row("b", precision="bf16").precision == "bf16"
+    with pytest.raises(MPDiTError, match="unknown precision 'fp16'"):
+        Row("b", precision="fp16")

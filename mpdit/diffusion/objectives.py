@@ -72,6 +72,7 @@ class Objective(ABC):
     samplers: tuple[str, ...]
     default_sampler: str
     learn_sigma: bool  # whether a new model for this objective outputs variance channels besides its prediction
+    min_snr: bool  # whether its loss takes Min-SNR-gamma weights
 
     def __init__(self, config: ObjectiveConfig, model_config: DiTConfig):
         self.config, self.model_config = config, model_config
@@ -160,7 +161,7 @@ class Objective(ABC):
 class DDPMObjective(Objective):
     """DiT / ADM: epsilon prediction (with learned variance when the model has it) on 1,000 linear-beta steps."""
 
-    name, samplers, default_sampler, learn_sigma = "ddpm", ("ddim", "ddpm"), "ddim", True
+    name, samplers, default_sampler, learn_sigma, min_snr = "ddpm", ("ddim", "ddpm"), "ddim", True, True
 
     def __init__(self, config: ObjectiveConfig, model_config: DiTConfig):
         super().__init__(config, model_config)
@@ -228,7 +229,8 @@ class FlowObjective(Objective):
     """Flow matching on the linear path with velocity prediction (flow.py), plain MSE; MP models see c_in x_t and
     ln(sigma)/4, DiT-family models x_t and 1000 t (the timesteps of diffusers' flow schedulers)."""
 
-    name, samplers, default_sampler, learn_sigma = "flow", ("heun", "euler", "euler-maruyama"), "heun", False
+    name, samplers, default_sampler = "flow", ("heun", "euler", "euler-maruyama"), "heun"
+    learn_sigma, min_snr = False, False
 
     def __init__(self, config: ObjectiveConfig, model_config: DiTConfig):
         super().__init__(config, model_config)
@@ -262,7 +264,7 @@ class FlowObjective(Objective):
         return x_t * c_in.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
 
     def training_losses(self, net, x0, t, noise, min_snr_gamma=0.0):
-        if min_snr_gamma:
+        if min_snr_gamma and not self.min_snr:
             raise MPDiTError("Min-SNR weights DDPM's epsilon loss; flow matching trains with plain MSE: set "
                              "--min-snr-gamma 0")
         x_t = flow.interpolate(x0, noise, t)

@@ -65,6 +65,7 @@ class Row:
     norm: str = "layernorm"  # or dyt (mpdit train --norm)
     zero_init: str | None = None  # on or off; None: the model's default (off for norm dyt)
     width: int | None = None  # hidden size instead of the budget model's, with heads of dimension HEAD_DIM
+    precision: str | None = None  # fp32 or bf16 (autocast) for this row's training; None: the budget's
 
     def __post_init__(self):
         conditioning_ops(self.conditioning)
@@ -72,6 +73,8 @@ class Row:
         if self.seeds is not None and self.seeds < 1:
             raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
         ObjectiveConfig(self.objective, self.time_sampling, self.logit_mean, self.logit_std)
+        if self.precision not in (None, "fp32", "bf16"):
+            raise MPDiTError(f"unknown precision '{self.precision}': choose fp32 or bf16 (or leave it out)")
         if self.zero_init not in ZERO_INIT:
             raise MPDiTError(f"zero_init must be on or off (or left out), got {self.zero_init!r}")
         DiTConfig(**self.model_overrides())  # the switches, norm and zero init fit together
@@ -90,7 +93,10 @@ class Row:
 
     def eval_sampler(self, budget: "Budget") -> str:
         """The sampler this row is evaluated with: its own, else the budget's; one line if its objective has none
-        of that name."""
+        of that name, or if the budget's loss weighting does not apply to it."""
+        if budget.min_snr_gamma and not OBJECTIVES[self.objective].min_snr:
+            raise MPDiTError(f"grid row {self.name}: the budget's Min-SNR weighting is DDPM's; a {self.objective} row "
+                             "trains with plain MSE: put it in a grid whose budget has min_snr_gamma 0")
         sampler = self.sampler or budget.sampler
         if sampler not in OBJECTIVES[self.objective].samplers:
             raise MPDiTError(f"grid row {self.name}: sampler '{sampler}' is not a {self.objective} sampler: give the "
@@ -223,8 +229,8 @@ def train_run(folder: Path, row: Row, seed: int, budget: Budget) -> None:
         steps = budget.evaluated_steps
         train_cfg = TrainConfig(data=budget.data, image_size=model_cfg.input_size, steps=budget.steps,
                                 batch_size=budget.batch_size, seed=seed, t_ref=budget.t_ref,
-                                min_snr_gamma=budget.min_snr_gamma, precision=budget.precision, device=budget.device,
-                                compile=budget.compile,
+                                min_snr_gamma=budget.min_snr_gamma, precision=row.precision or budget.precision,
+                                device=budget.device, compile=budget.compile,
                                 ckpt_every=math.gcd(*steps) if len(steps) > 1 else max(budget.steps // 4, 1),
                                 keep_checkpoints=0, telemetry_every=max(budget.steps // 20, 1),
                                 log_every=max(budget.steps // 100, 1), progress=False, **row.objective_options(),
