@@ -383,3 +383,16 @@ def test_flow_rows_refuse_a_min_snr_budget_and_rows_set_their_precision(tmp_path
     assert Row("b", precision="bf16").precision == "bf16"
     with pytest.raises(MPDiTError, match="unknown precision 'fp16'"):
         Row("b", precision="fp16")
+
+
+def test_loss_rank_table_gives_spearmans_rho_per_step():
+    from mpdit.evaluation.ablation import loss_rank_table
+
+    def line(row, step, val, fd):
+        return {"row": row, "step": step, "val_loss": val, "fd_mean": fd}
+
+    lines = [line("a", 5, 0.1, 10), line("b", 5, 0.2, 20), line("c", 5, 0.3, 15), line("d", 5, None, 1),
+             line("a", 2, 0.1, 1), line("b", 2, 0.2, 2)]
+    text = loss_rank_table(lines)
+    assert "| 5 | 3 | +0.50 |" in text and "| 2 |" not in text  # step 2 has only two rows
+    assert loss_rank_table(lines[-2:]) == ""

@@ -471,7 +471,28 @@ def results_markdown(lines: list[dict], budget: Budget, baseline: str) -> tuple[
             parts.append(curves_table([line for line in lines if line["cfg_scale"] == 1.0], steps,
                                       "FD / accuracy at each step, guidance 1", show_guidance=False))
     parts.append(best_lr_table(best))
+    parts.append(loss_rank_table(best_guidance(lines)))
     return "".join(parts), best
+
+
+def loss_rank_table(lines: list[dict]) -> str:
+    """Whether the validation loss ranks the rows as FD does: Spearman's rho between the two over the rows (at their
+    best guidance) at each evaluated step, where 3 or more rows have both; nothing otherwise."""
+    from scipy.stats import spearmanr
+
+    by_step: dict[int, list[dict]] = {}
+    for line in lines:
+        if line["val_loss"] is not None:
+            by_step.setdefault(line["step"], []).append(line)
+    rows = [(step, found) for step, found in sorted(by_step.items()) if len(found) >= 3]
+    if not rows:
+        return ""
+    out = ["\n### Validation loss against FD\n", "Spearman's rho between the rows' validation loss and their FD (best "
+           "guidance): 1 means the loss ranks the rows exactly as FD does.\n", "| step | rows | rho |", "|---|---|---|"]
+    for step, found in rows:
+        rho = spearmanr([x["val_loss"] for x in found], [x["fd_mean"] for x in found]).statistic
+        out.append(f"| {step:,} | {len(found)} | {rho:+.2f} |")
+    return "\n".join(out) + "\n"
 
 
 def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | None = None) -> list[dict]:
