@@ -1,6 +1,7 @@
 """`mpdit ablate`: train and evaluate a grid of configurations with equal budget and several seeds,
 then write OUT/results.csv and OUT/results.md. Re-run the same command to continue a grid: finished
-runs are skipped and interrupted ones resume from their last checkpoint.
+runs are skipped and interrupted ones resume from their last checkpoint. SIGTERM or SIGUSR1 (a cluster's
+preemption) stops the grid after the current training step with a checkpoint, and exit status 75 (docs/cluster.md).
 
 The budget (model, data, steps, evaluation) comes from the options below, over the "budget" of a grid file
 ({"budget": {...}, "rows": [...]}) where it has one, over the defaults shown.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.evaluation.ablation import PRESETS, Budget, load_grid, run_grid, with_lr_sweep
+from mpdit.training.preemption import resumed_by
 
 DEFAULTS = Budget()
 
@@ -43,7 +45,8 @@ def run(args) -> int:
         rows = with_lr_sweep(rows, list(args.lr_sweep))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
     budget = dataclass_from_dict(Budget, {**file_budget, **given}, "budget option")
-    best = run_grid(args.out, rows, budget, only=set(args.only.split(",")) if args.only else None)
+    with resumed_by("the same mpdit ablate command again"):  # a stop comes after the current run's checkpoint
+        best = run_grid(args.out, rows, budget, only=set(args.only.split(",")) if args.only else None)
     table = Path(args.out) / "results.md"
     print(table.read_text())
     print(f"{len(best)} rows; results in {Path(args.out) / 'results.csv'} and {table}")

@@ -2,8 +2,10 @@
 
 Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed arguments, returning an exit code or None).
-User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2. Commands whose parser
-sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count (``mpdit.cli.threads``).
+User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2; a training stopped by SIGTERM
+or SIGUSR1 (``Preempted``, after its checkpoint), one line saying how to go on and exit code 75 (PREEMPTED_EXIT).
+Commands whose parser sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count
+(``mpdit.cli.threads``).
 """
 
 import argparse
@@ -15,6 +17,7 @@ import torch
 from mpdit import __version__
 from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
+from mpdit.training.preemption import PREEMPTED_EXIT, Preempted
 
 SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
                "classifier"]
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MPDiTError, OSError) as error:  # OSError: a missing file, a full disk, a read-only folder...
         print(f"mpdit: error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"mpdit: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("mpdit: interrupted", file=sys.stderr)
         return 130

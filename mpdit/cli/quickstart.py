@@ -35,6 +35,7 @@ from mpdit.cli import eval as eval_command
 from mpdit.cli.main import build_parser
 from mpdit.errors import MPDiTError
 from mpdit.training.checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints
+from mpdit.training.preemption import resumed_by
 from mpdit.training.train import read_run_configs
 
 # The main job's recipe: `mpdit train`'s defaults (DiT-Micro/4, all-MP, scale-rotation-gate, batch 64, AdamW with
@@ -110,7 +111,7 @@ def run(args) -> int:
     timings = {}
     if train_argv is not None:
         train_args = parser.parse_args(train_argv + quiet)
-        with stage_output:
+        with stage_output, resumed_by("the same mpdit quickstart command again"):
             train_args.func(train_args)
         timings["train_s"] = round(time.perf_counter() - started, 1)
     checkpoint = latest_checkpoint(out)

@@ -3,6 +3,11 @@
 The defaults are a plain recipe (3,000 steps, no Min-SNR weighting). `mpdit quickstart` trains with a different
 one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile --out runs/quickstart`, the other options at
 their defaults.
+
+Preemption: SIGTERM (Slurm, Kubernetes, `timeout`) or SIGUSR1 (Slurm's --signal warning) finishes the current step,
+writes a checkpoint, prints one line saying how to resume (`mpdit train --resume DIR`) and exits with status 75
+(under torchrun every process stops at the same step). The resumed run is the same, bit for bit, as one never
+stopped. Slurm with requeue: docs/cluster.md.
 """
 
 import argparse

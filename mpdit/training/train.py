@@ -26,6 +26,7 @@ from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import SNAPSHOTS, ClassicEMA, PowerFunctionEMA, save_snapshot, snapshot_path
 from mpdit.training.guard import DivergenceGuard, json_safe, require_finite
+from mpdit.training.preemption import Preempted, StopSignals
 from mpdit.training.rundir import RunLock, remove_leftovers, trim_log
 from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.telemetry import Telemetry
@@ -217,6 +218,7 @@ class Trainer:
         self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
         self.step = 0
         self.guard = DivergenceGuard(self.dist.device)
+        self.resumed_at_stop = False  # resumed from the checkpoint of a run stopped by a signal (no snapshot there)
         if resume:
             self.load_latest(from_step)
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
@@ -272,8 +274,9 @@ class Trainer:
         require_finite(tensors, f"the {what} of step {self.step}",
                        f"; the training diverged: the newest checkpoint is {last}" if last else "")
 
-    def save_checkpoint(self) -> Path | None:
-        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones.
+    def save_checkpoint(self, stopped: bool = False) -> Path | None:
+        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones. ``stopped``: the
+        checkpoint of a run stopped by a signal (``stop_for_signal``), off the run's schedule.
 
         A state with non-finite tensors is refused before anything is written (so pruning never removes the
         last finite checkpoint)."""
@@ -282,7 +285,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         with self.reporting_write_errors(ckpt.checkpoint_dir(self.run_dir, self.step)):
-            self.write_checkpoint()
+            self.write_checkpoint(stopped)
         if self.cfg.keep_checkpoints:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return ckpt.checkpoint_dir(self.run_dir, self.step)
@@ -299,9 +302,10 @@ class Trainer:
                              + (f"the newest intact checkpoint is {last}" if last else "no checkpoint was written yet")
                              + f": free space or fix the folder, then --resume {self.run_dir}") from None
 
-    def write_checkpoint(self) -> None:
+    def write_checkpoint(self, stopped: bool = False) -> None:
         """The files of RUN_DIR/checkpoints/step-NNNNNNN (built in a temp folder, renamed in whole), then the
-        step's power-EMA snapshots when they go with checkpoints."""
+        step's power-EMA snapshots when they go with checkpoints, except at a ``stopped`` checkpoint (a run that
+        was never stopped has no snapshot there, and post-hoc EMA must not depend on when a run was stopped)."""
         with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
             ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
             (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
@@ -317,8 +321,9 @@ class Trainer:
                 "power_ema_updates": self.power_ema.num_updates if self.power_ema else 0,
                 "rng": ckpt.capture_rng_state(),
                 "skipped_steps": self.guard.counts()[1],
+                "stopped_by_signal": stopped,
             })
-        if self.power_ema and self.step > 0 and not self.cfg.snapshot_every:
+        if self.power_ema and self.step > 0 and not self.cfg.snapshot_every and not stopped:
             save_snapshot(self.run_dir, self.step, self.power_ema)
 
     def load_latest(self, from_step: int | None = None) -> None:
@@ -359,6 +364,7 @@ class Trainer:
         ckpt.restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.guard = DivergenceGuard(device, skipped=int(state.get("skipped_steps", 0)))
+        self.resumed_at_stop = bool(state.get("stopped_by_signal", False))
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -432,7 +438,8 @@ class Trainer:
                 remove_path(aside)
                 os.replace(path, aside)
                 print(f"set aside {path} (after the resumed step {self.step}) as {aside.name}")
-        if self.power_ema and self.step > 0 and self.step % (self.cfg.snapshot_every or self.step) == 0:
+        if self.power_ema and self.step > 0 and (self.step % self.cfg.snapshot_every == 0 if self.cfg.snapshot_every
+                                                 else not self.resumed_at_stop):
             if not all(snapshot_path(self.run_dir, self.step, s).is_file() for s in self.power_ema.sigma_rels):
                 save_snapshot(self.run_dir, self.step, self.power_ema)
         if self.step == 0 and not found:
@@ -450,6 +457,13 @@ class Trainer:
                 + (f"the newest checkpoint is {last}. " if last else "") + "Train again with a lower --lr",
                 step=self.step)
 
+    def stop_for_signal(self, received: str | None, checkpointed: bool) -> None:
+        """Raise Preempted after writing this step's checkpoint (unless the loop has just written it)."""
+        if not checkpointed:
+            self.save_checkpoint(stopped=True)
+        raise Preempted(f"stopped by {received or 'a signal to another rank'} after step {self.step:,}: checkpoint "
+                        f"{ckpt.checkpoint_dir(self.run_dir, self.step)}", f"mpdit train --resume {self.run_dir}")
+
     def _train(self, sample_grid) -> Path | None:
         cfg, main = self.cfg, self.dist.is_main
         self.write_run_files()
@@ -462,6 +476,7 @@ class Trainer:
                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]")
         last_time, last_step, start_step = time.perf_counter(), self.step, self.step
         start_time = last_time
+        stop = StopSignals(self.dist.world_size, self.dist.device).install()
         try:
             while self.step < cfg.steps:
                 record = bool(cfg.telemetry_every) and (self.step + 1) % cfg.telemetry_every == 0
@@ -507,7 +522,10 @@ class Trainer:
                     self.save_checkpoint()
                 if main and sample_grid is not None and (due(cfg.sample_every) or self.step == cfg.steps):
                     sample_grid(self)
+                if self.step < cfg.steps and stop.agreed():
+                    self.stop_for_signal(stop.received, checkpointed=due(cfg.ckpt_every))
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if log is not None:
