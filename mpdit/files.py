@@ -7,6 +7,7 @@ so a killed writer never leaves a half-written file under the final name.
 """
 
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -18,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mpdit.errors import MPDiTError
+from mpdit.errors import MPDiTError, nonfinite_number
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -76,6 +77,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def strict_json(value, what: str, **options) -> str:
+    """json.dumps(value, **options) as strict JSON (no bare NaN or Infinity, which other readers refuse); a
+    non-finite number is a one-line MPDiTError naming ``what`` and where the number is, and nothing is written."""
+    bad = nonfinite_number(value)
+    if bad is not None:
+        raise MPDiTError(f"{what}: {bad[0]} is {bad[1]}, not a finite number, so it was not written")
+    return json.dumps(value, allow_nan=False, **options)
 
 
 @contextlib.contextmanager

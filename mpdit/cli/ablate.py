@@ -12,16 +12,12 @@ import dataclasses
 from dataclasses import replace
 from pathlib import Path
 
+from mpdit.cli.numbers import finite_float, finite_floats
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.evaluation.ablation import PRESETS, Budget, load_grid, run_grid, with_lr_sweep
 from mpdit.training.preemption import resumed_by
 
 DEFAULTS = Budget()
-
-
-def floats(text: str) -> tuple[float, ...]:
-    """A comma list of numbers, e.g. 1,1.5,4."""
-    return tuple(float(x) for x in text.split(","))
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -70,14 +66,14 @@ def register(subparsers) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row unless the row says (default 1)")
     parser.add_argument("--main-seeds", type=int, default=3, help="paper preset: seeds of the four main rows")
     parser.add_argument("--switch-seeds", type=int, default=1, help="paper preset: seeds of single-switch rows")
-    parser.add_argument("--shared-lr", type=float, default=None, help="every row at this lr (a fair check)")
+    parser.add_argument("--shared-lr", type=finite_float, default=None, help="every row at this lr (a fair check)")
     parser.add_argument("--shared-schedule", choices=["constant", "edm2"], default="constant")
-    parser.add_argument("--lr-sweep", type=floats, default=None,
+    parser.add_argument("--lr-sweep", type=finite_floats, default=None,
                         help="comma list of lrs: every row at each, best reported")
     parser.add_argument("--t-ref", type=int, default=None, help=f"edm2 rows' t_ref (default {DEFAULTS.t_ref})")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help=f"edm2 rows' warm-up (default {DEFAULTS.warmup_steps})")
-    parser.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (default 0: off)")
+    parser.add_argument("--min-snr-gamma", type=finite_float, default=None, help="Min-SNR loss weighting (default 0: off)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -88,7 +84,7 @@ def register(subparsers) -> None:
                         help=f"samples per evaluation (default {DEFAULTS.eval_num})")
     parser.add_argument("--sampler", default=None, help=f"default {DEFAULTS.sampler}")
     parser.add_argument("--sample-steps", type=int, default=None, help=f"default {DEFAULTS.sample_steps}")
-    parser.add_argument("--cfg-scale", "--cfg-scales", dest="cfg_scales", type=floats, default=None,
+    parser.add_argument("--cfg-scale", "--cfg-scales", dest="cfg_scales", type=finite_floats, default=None,
                         help=f"comma list of guidance scales, each evaluated; each row is reported at its best and at "
                              f"1 when listed (default {DEFAULTS.cfg_scales[0]:g})")
     parser.add_argument("--classifier", default=None, metavar="PATH",

@@ -12,7 +12,6 @@ compiled steps (on a GPU, the Triton kernels a compiled step launches besides it
 """
 
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from mpdit.data.datasets import ImageDataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.kernels import KernelCounter, count_kernels, saved_bytes
+from mpdit.files import strict_json
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
@@ -274,9 +274,9 @@ def run(args) -> int:
                      dtype=args.dtype, compile_model=args.compile, repeats=args.repeats, warmup=args.warmup,
                      count_ops=args.count_ops, loop=args.loop)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(strict_json(rows, "the benchmark", indent=2))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, "the benchmark", indent=2))
         return 0
     first = rows[0]
     print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "

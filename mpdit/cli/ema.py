@@ -9,6 +9,7 @@ RUN_DIR/config.json), so OUT_DIR loads like a checkpoint directory.
 import argparse
 from pathlib import Path
 
+from mpdit.cli.numbers import finite_float
 from mpdit.errors import MPDiTError
 from mpdit.training.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_bytes, is_training_folder, save_safetensors
 from mpdit.training.ema import SIGMA_REL_MAX, SNAPSHOTS, posthoc_plan, reconstruct
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
         f"last snapshot, from RUN_DIR/{SNAPSHOTS}/ (EDM2 sec. 3.2). Writes OUT_DIR/{MODEL_FILE} and OUT_DIR/{CONFIG_FILE}.",
     )
     p.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="training run directory")
-    p.add_argument("--sigma-rel", required=True, type=float, help="relative EMA width to rebuild, e.g. 0.07")
+    p.add_argument("--sigma-rel", required=True, type=finite_float, help="relative EMA width to rebuild, e.g. 0.07")
     p.add_argument("--step", type=int, default=None, help="training step to rebuild at (default: last snapshot)")
     p.add_argument("--out", required=True, type=Path, metavar="OUT_DIR", help="output directory")
     p.set_defaults(func=run)

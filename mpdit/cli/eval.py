@@ -20,7 +20,6 @@ contiguous run of batches (noise seeded per batch, so the images do not depend o
 count); rank 0 gathers and scores.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from mpdit.diffusion.generate import generate, save_npz
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.evaluate import evaluate
 from mpdit.evaluation.metrics import FeatureStats, InceptionFeatures, feature_stats
+from mpdit.files import strict_json
 from mpdit.model.dit import MPDiT
 from mpdit.training.checkpoint import run_data_spec
 from mpdit.training.train import Distributed, setup_distributed
@@ -140,10 +140,10 @@ def run_protocol(args) -> int:
         return 0
     result["protocol"] = {"name": args.protocol, **source, **result["protocol"]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(strict_json(result, "the evaluation", indent=2))
     result["written_to"] = str(out)
     p = result["protocol"]
-    print(json.dumps(result) if args.json else
+    print(strict_json(result, "the evaluation") if args.json else
           f"{args.protocol}: FID {result['metrics']['fid']:.4g} ({p['num_samples']} samples, ddpm 250, guidance "
           f"{p['cfg_scale']}, seed {p['seed']}; reference {p['reference']})\nwritten to {out} and {result['npz']}")
     return 0
@@ -182,10 +182,10 @@ def run(args) -> int:
                       compile_model=args.compile)
     out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(strict_json(result, "the evaluation", indent=2))
     result["written_to"] = str(out)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result, "the evaluation"))
     else:
         print("\n".join(summary_lines(result) + [f"written to {out}"]))
     return 0

@@ -23,8 +23,16 @@ SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export
                "classifier"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (no usage block) and exit code 2; the subcommands'
+    parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mpdit", description="Magnitude-preserving Diffusion Transformers with rotation modulation."
     )
     parser.add_argument("--version", action="version", version=f"mpdit {__version__}")

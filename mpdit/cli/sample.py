@@ -1,15 +1,16 @@
 """`mpdit sample`: class-conditional samples from a checkpoint, written as a PNG grid and an ADM-style .npz."""
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from mpdit.cli.numbers import finite_float
 from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, device_of, generate, save_grid, save_npz
 from mpdit.diffusion.sampling import SAMPLERS
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.model.convert import load_official_checkpoint
 from mpdit.training.checkpoint import load_checkpoint_model, run_data_spec
 
@@ -68,7 +69,7 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
     parser.add_argument("--sampler", default="ddim", help=f"{' or '.join(SAMPLERS)} (default ddim)")
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
-    parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+    parser.add_argument("--cfg-scale", type=finite_float, default=DEFAULT_CFG_SCALE,
                         help=f"classifier-free guidance scale (1: none; default {DEFAULT_CFG_SCALE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
@@ -91,7 +92,7 @@ def run(args) -> int:
     npz = save_npz(images, out.with_suffix(".npz"), labels)
     report = {"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": args.sampler,
               "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed}
-    print(json.dumps(report) if args.json else
+    print(strict_json(report, "the report") if args.json else
           f"{len(images)} samples ({args.sampler} {args.steps} steps, guidance {args.cfg_scale}, seed {args.seed}, "
           f"weights {source['weights']} of {source['checkpoint']}): grid {grid}, arrays {npz}")
     return 0

@@ -12,15 +12,16 @@ stopped. Slurm with requeue: docs/cluster.md.
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from mpdit.cli.numbers import finite_float, finite_floats
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.model.config import ATTENTION_OUTPUTS, DiTConfig, attention_output_setting
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import list_checkpoints
@@ -50,9 +51,9 @@ def fill_unset(args, values: dict) -> None:
 def numbers(text: str, option: str) -> tuple[float, ...]:
     """'0.9,0.99' -> (0.9, 0.99); a one-line error naming ``option`` for anything else."""
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise MPDiTError(f"{option} takes comma-separated numbers, got {text!r}") from None
+        return finite_floats(text)
+    except argparse.ArgumentTypeError:
+        raise MPDiTError(f"{option} takes comma-separated finite numbers, got {text!r}") from None
 
 
 def apply_recipe(args) -> None:
@@ -170,7 +171,7 @@ def run(args) -> int:
     if trainer.dist.is_main:
         report = {"run": str(run_dir), "checkpoint": str(last), "log": str(run_dir / "log.jsonl"),
                   "samples": str(run_dir / "samples"), "step": trainer.step}
-        print(json.dumps(report) if args.json else
+        print(strict_json(report, "the report") if args.json else
               f"trained to step {trainer.step:,}: checkpoint {last}; log {report['log']}; sample grids {report['samples']}")
     return 0
 
@@ -182,7 +183,7 @@ def add_model_options(parser) -> None:
                         metavar="NAME", help=f"{', '.join(CONDITIONINGS)} (default scale-rotation-gate)")
     parser.add_argument("--timestep-input", default="log-sigma", choices=["log-sigma", "raw"],
                         help="MP timestep embedder input: EDM2's ln(sigma)/4 (default) or the raw step (ablation)")
-    parser.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
+    parser.add_argument("--class-dropout", type=finite_float, default=0.1, help="label dropout for guidance (default 0.1)")
     parser.add_argument("--attention-output", choices=ATTENTION_OUTPUTS, default="normalized",
                         help="cosine attention: rescale each head's output to RMS 1 (normalized, default; our "
                              "addition) or not (plain: the paper's exact model)")
@@ -195,7 +196,7 @@ def add_training_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps (default {DEFAULT_STEPS}; with --resume: the run's own, or extend to N)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes (default 64)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 for MP models, 1e-4 for DiT)")
+    parser.add_argument("--lr", type=finite_float, default=None, help="learning rate (default 1e-2 for MP models, 1e-4 for DiT)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None,
                         help="learning-rate schedule (default edm2 for MP models, constant for DiT)")
     parser.add_argument("--warmup-steps", type=int, default=None,
@@ -203,13 +204,13 @@ def add_training_options(parser) -> None:
     parser.add_argument("--t-ref", type=int, default=1000,
                         help="edm2 schedule: decay as 1/sqrt(step/t_ref) after t_ref steps (default 1000)")
     parser.add_argument("--betas", default=None, help="Adam betas 'b1,b2' (default 0.9,0.99 MP; 0.9,0.999 DiT)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    parser.add_argument("--grad-clip", type=float, default=None,
+    parser.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--grad-clip", type=finite_float, default=None,
                         help="clip the gradient norm to this (default: no clipping)")
-    parser.add_argument("--min-snr-gamma", type=float, default=0.0,
+    parser.add_argument("--min-snr-gamma", type=finite_float, default=0.0,
                         help="weight the mse term by min(SNR, gamma) / SNR (Min-SNR; default 0: off, as DiT; "
                              "the quickstart uses 5)")
-    parser.add_argument("--ema-decay", type=float, default=0.9999, help="classic EMA decay (default 0.9999; 0 disables)")
+    parser.add_argument("--ema-decay", type=finite_float, default=0.9999, help="classic EMA decay (default 0.9999; 0 disables)")
     parser.add_argument("--ema-sigma-rels", default="0.05,0.10",
                         help="power-function EMA sigma_rel list (default 0.05,0.10; empty disables)")
     parser.add_argument("--snapshot-every", type=int, default=0,

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
-from mpdit.errors import MPDiTError, dataclass_from_dict
+from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.evaluation.evaluate import evaluate
+from mpdit.files import strict_json
 from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import conditioning_ops
@@ -51,6 +52,7 @@ class Row:
     warmup_steps: int | None = None  # None: the family's (DiT 0; MP the budget's)
 
     def __post_init__(self):
+        require_field_types(self, "option")
         conditioning_ops(self.conditioning)
         attention_output_setting(self.attention_output, parse_mp(self.mp))
         if self.seeds is not None and self.seeds < 1:
@@ -144,6 +146,7 @@ class Budget:
     compile: bool = False  # torch.compile training and sampling; off: short runs and many evaluations don't repay it
 
     def __post_init__(self):
+        require_field_types(self, "budget option")
         self.cfg_scales = tuple(float(g) for g in self.cfg_scales)
         self.eval_steps = tuple(int(s) for s in self.eval_steps)
         if self.steps < 1 or not self.cfg_scales or min(self.cfg_scales) < 0:
@@ -213,7 +216,7 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget) ->
     result = evaluate(checkpoint, num=budget.eval_num, sampler=budget.sampler, steps=budget.sample_steps,
                       cfg_scale=cfg_scale, seed=seed, device=budget.device, baseline=False, progress=False,
                       classifier=budget.classifier, compile_model=budget.compile)
-    atomic_write_text(path, json.dumps(result, indent=2))
+    atomic_write_text(path, strict_json(result, f"the evaluation {path}", indent=2))
     return result
 
 
@@ -260,7 +263,7 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
     run = {"protocol": records_protocol(budget), "records": records}
     if diverged_at is not None:
         run["diverged"] = {"step": diverged_at}
-    atomic_write_text(folder / "records.json", json.dumps(run, indent=1))
+    atomic_write_text(folder / "records.json", strict_json(run, f"the records of {folder}", indent=1))
     return run
 
 
@@ -417,8 +420,8 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise MPDiTError(f"no grid row is named {', '.join(unknown)}: the rows are {', '.join(names)}")
-    (out / "grid.json").write_text(json.dumps({"budget": dataclasses.asdict(budget),
-                                               "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    (out / "grid.json").write_text(strict_json({"budget": dataclasses.asdict(budget),
+                                                 "rows": [dataclasses.asdict(r) for r in rows]}, "the grid", indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
     runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
     finished = {}

@@ -3,7 +3,7 @@
 import dataclasses
 from dataclasses import dataclass, field
 
-from mpdit.errors import MPDiTError, dataclass_from_dict
+from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.nn.modulation import conditioning_ops
 
 # The eight switches of the paper's ablation (DESIGN.md section 1), each changing only its own piece.
@@ -69,6 +69,9 @@ SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
+# The keys a saved config.json must name: left to their defaults, they would build a model of another shape.
+SAVED_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+              "learn_sigma", "mp", "conditioning")
 MODELS = [f"DiT-{size}/{patch}" for size in SIZES for patch in PATCH_SIZES]
 
 
@@ -101,6 +104,7 @@ class DiTConfig:
     name: str = field(default="custom")
 
     def __post_init__(self):
+        require_field_types(self, "model config key")
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
                      "num_timesteps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -137,6 +141,16 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "DiTConfig":
         return dataclass_from_dict(cls, values, "model config key")
+
+    @classmethod
+    def from_saved(cls, values: dict, source: str) -> "DiTConfig":
+        """from_dict for the config.json of a checkpoint, run or export (``source``), which must name every key of
+        SAVED_KEYS: a one-line error names the first one it lacks."""
+        missing = [key for key in SAVED_KEYS if isinstance(values, dict) and key not in values]
+        if missing:
+            raise MPDiTError(f"model config {source} lacks the key '{missing[0]}' (a saved config names each of "
+                             f"{', '.join(SAVED_KEYS)})")
+        return cls.from_dict(values)
 
     @classmethod
     def from_preset(cls, model: str, **overrides) -> "DiTConfig":

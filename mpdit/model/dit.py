@@ -462,7 +462,7 @@ def load_model(path: str | Path, weights: str = "model.safetensors", device: str
     if not config_path.is_file():
         raise MPDiTError(f"no model config at {config_path}: pass a checkpoint folder holding config.json")
     try:
-        config = DiTConfig.from_dict(json.loads(config_path.read_text()))
+        config = DiTConfig.from_saved(json.loads(config_path.read_text()), str(config_path))
     except json.JSONDecodeError as error:
         raise MPDiTError(f"model config {config_path} is not valid JSON ({error})") from None
     model = MPDiT(config)

@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
-from mpdit.errors import MPDiTError, dataclass_from_dict
-from mpdit.files import remove_path
+from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
+from mpdit.files import remove_path, strict_json
 from mpdit.model.config import DiTConfig
 from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
 from mpdit.training import checkpoint as ckpt
@@ -70,6 +70,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # stop after this many steps in a row skipped for a non-finite loss or gradient
 
     def __post_init__(self):
+        require_field_types(self, "training option")
         self.betas = tuple(self.betas)
         self.ema_sigma_rels = tuple(self.ema_sigma_rels)
         if self.precision not in ("fp32", "bf16"):
@@ -245,8 +246,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(self.run_dir / ckpt.CONFIG_FILE, json.dumps(self.model_cfg.to_dict(), indent=2))
-        ckpt.atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        ckpt.atomic_write_text(self.run_dir / ckpt.CONFIG_FILE, strict_json(self.model_cfg.to_dict(), "the model config", indent=2))
+        ckpt.atomic_write_text(self.run_dir / TRAIN_CONFIG, strict_json(dataclasses.asdict(self.cfg), "the training config",
+                                                                       indent=2))
 
     def check_ranks_in_sync(self) -> None:
         """Raise if the ranks' parameters differ (a checksum compared across processes)."""
@@ -308,7 +310,7 @@ class Trainer:
         was never stopped has no snapshot there, and post-hoc EMA must not depend on when a run was stopped)."""
         with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
             ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
-            (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
+            (tmp / ckpt.CONFIG_FILE).write_text(strict_json(self.model_cfg.to_dict(), "the model config", indent=2))
             if self.ema:
                 ckpt.save_safetensors(tmp / "ema.safetensors", self.ema.state_dict())
             if self.power_ema:
@@ -538,7 +540,8 @@ class Trainer:
 def read_run_configs(run_dir: Path) -> tuple[DiTConfig, TrainConfig]:
     """The model and training configs a run wrote at its start."""
     try:
-        model_cfg = DiTConfig.from_dict(json.loads((run_dir / ckpt.CONFIG_FILE).read_text()))
+        model_cfg = DiTConfig.from_saved(json.loads((run_dir / ckpt.CONFIG_FILE).read_text()),
+                                         str(run_dir / ckpt.CONFIG_FILE))
         train_cfg = TrainConfig.from_dict(json.loads((run_dir / TRAIN_CONFIG).read_text()))
     except FileNotFoundError as error:
         raise MPDiTError(f"{run_dir} is not a training run: missing {Path(error.filename).name}") from None
