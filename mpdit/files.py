@@ -79,6 +79,38 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of ``path``; bytes that are not UTF-8 are a one-line MPDiTError naming ``what``, the path and
+    the offset (a missing file stays a FileNotFoundError, for the callers that name what is missing)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise MPDiTError(f"{what} {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}): pass the right file, or rewrite it as UTF-8") from None
+
+
+def parse_json(text: str, what: str):
+    """json.loads(text) with one-line MPDiTErrors naming ``what``: invalid JSON, or nested too deep to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MPDiTError(f"{what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise MPDiTError(f"{what} is nested too deeply to read (JSON objects or lists inside each other more than "
+                         "about a thousand levels): pass the right file") from None
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON value of the file ``path`` (read_text, then parse_json): one-line errors name ``what`` and the path."""
+    return parse_json(read_text(path, what), f"{what} {path}")
+
+
+def read_json_lines(path: str | os.PathLike, what: str) -> list:
+    """The values of a JSON-lines file (blank lines skipped), one-line errors naming the line."""
+    return [parse_json(line, f"{what} {path}, line {number}")
+            for number, line in enumerate(read_text(path, what).splitlines(), 1) if line.strip()]
+
+
 def strict_json(value, what: str, **options) -> str:
     """json.dumps(value, **options) as strict JSON (no bare NaN or Infinity, which other readers refuse); a
     non-finite number is a one-line MPDiTError naming ``what`` and where the number is, and nothing is written."""

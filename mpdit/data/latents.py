@@ -265,6 +265,9 @@ class LatentDataset:
         self.labels = torch.cat([s["labels"] for s in shards])
         self.class_names = list(self.meta["class_names"])
         self.num_classes = len(self.class_names)
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+            raise MPDiTError(f"latents:{self.path} hold labels {int(self.labels.min())}..{int(self.labels.max())}, but "
+                             f"{METADATA} names {self.num_classes} classes: encode the data again")
         self.channel_mean = torch.tensor(self.meta["channel_mean"], dtype=torch.float32)
         self.channel_std = torch.tensor(self.meta["channel_std"], dtype=torch.float32)
         self.source = f"latents:{self.path}"

@@ -29,7 +29,7 @@ from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.evaluation.evaluate import evaluate
-from mpdit.files import strict_json
+from mpdit.files import read_json, read_json_lines, strict_json
 from mpdit.model.config import MP_SWITCHES, DiTConfig, attention_output_setting, parse_mp
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import conditioning_ops
@@ -85,11 +85,9 @@ def load_grid(path: str | Path) -> tuple[list[Row], dict]:
     {"budget": {Budget's fields}, "rows": [...], "comment": "..."} (OUT/grid.json is written in that form)."""
     path = Path(path)
     try:
-        items = json.loads(path.read_text())
+        items = read_json(path, "grid file")
     except FileNotFoundError:
         raise MPDiTError(f"no grid file at {path}") from None
-    except json.JSONDecodeError as error:
-        raise MPDiTError(f"grid file {path} is not valid JSON ({error})") from None
     budget = {}
     if isinstance(items, dict):
         unknown = sorted(set(items) - {"budget", "rows", "comment"})
@@ -241,7 +239,7 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
     """One result record per evaluated step and guidance scale of a trained run, as finished_run gives them, also
     written to RUN/records.json. A run that diverged at step `diverged_at` is evaluated at the steps it reached."""
     model_cfg, train_cfg = read_run_configs(folder)
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    log = read_json_lines(folder / "log.jsonl", "training log")
     rates = [entry["images_per_s"] for entry in log[1:]] or [log[-1]["images_per_s"]]
     checkpoints = dict(list_checkpoints(folder))
     steps = budget.evaluated_steps if diverged_at is None else [s for s in budget.evaluated_steps if s in checkpoints]

@@ -114,6 +114,10 @@ class DiTConfig:
         if self.input_size % self.patch_size:
             raise MPDiTError(f"patch size {self.patch_size} does not divide input size {self.input_size}: "
                              "pick a patch size that divides it or pad the input")
+        if self.has("mp_pos_embed") and self.input_size == self.patch_size:
+            raise MPDiTError(f"input size {self.input_size} with patch size {self.patch_size} is a single patch, and "
+                             "mp_pos_embed removes each channel's mean over the positions, which leaves zeros (NaN once "
+                             "normalized) at a single one: use a smaller patch, a larger input, or mp without mp_pos_embed")
         if self.hidden_size % self.num_heads:
             raise MPDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if "rotation" in conditioning_ops(self.conditioning) and self.hidden_size % 2:

@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.gaussian import GaussianDiffusion
 from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
-from mpdit.files import remove_path, strict_json
+from mpdit.files import read_json, remove_path, strict_json
 from mpdit.model.config import DiTConfig
-from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
+from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked, require_memory
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import SNAPSHOTS, ClassicEMA, PowerFunctionEMA, save_snapshot, snapshot_path
 from mpdit.training.guard import DivergenceGuard, json_safe, require_finite
@@ -96,6 +96,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         return dataclass_from_dict(cls, values, "training option")
+
+
+def training_bytes_per_param(cfg: TrainConfig) -> int:
+    """float32 bytes each parameter takes in training: weight, gradient, Adam's two moments, and one copy per EMA."""
+    return 4 * (4 + bool(cfg.ema_decay) + len(cfg.ema_sigma_rels))
 
 
 def family_optimizer(model_cfg: DiTConfig) -> dict:
@@ -210,6 +215,8 @@ class Trainer:
         size = cfg.image_size or model_cfg.input_size
         self.data = data.fit(size) if data is not None else load_dataset(cfg.data, "train", size)
         self.check_data_fits_model()
+        require_memory(model_cfg, self.dist.device, training_bytes_per_param(cfg),
+                       "training (weights, gradients, Adam's moments and the EMAs; activations not counted)")
         self.model = MPDiT(model_cfg).to(self.dist.device)
         self.diffusion = GaussianDiffusion.dit(model_cfg.num_timesteps, learn_sigma=model_cfg.learn_sigma)
         # fused (make_optimizer): its kernel reads optimizer.found_inf, so the divergence guard skips without a sync
@@ -540,11 +547,9 @@ class Trainer:
 def read_run_configs(run_dir: Path) -> tuple[DiTConfig, TrainConfig]:
     """The model and training configs a run wrote at its start."""
     try:
-        model_cfg = DiTConfig.from_saved(json.loads((run_dir / ckpt.CONFIG_FILE).read_text()),
+        model_cfg = DiTConfig.from_saved(read_json(run_dir / ckpt.CONFIG_FILE, "model config"),
                                          str(run_dir / ckpt.CONFIG_FILE))
-        train_cfg = TrainConfig.from_dict(json.loads((run_dir / TRAIN_CONFIG).read_text()))
+        train_cfg = TrainConfig.from_dict(read_json(run_dir / TRAIN_CONFIG, "training config"))
     except FileNotFoundError as error:
         raise MPDiTError(f"{run_dir} is not a training run: missing {Path(error.filename).name}") from None
-    except json.JSONDecodeError as error:
-        raise MPDiTError(f"{run_dir}: config file is not valid JSON ({error})") from None
     return model_cfg, train_cfg
