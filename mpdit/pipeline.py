@@ -92,10 +92,11 @@ class MPDiTPipeline(DiffusionPipeline):
         x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self.transformer.eval()
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(x, t)
-            out = self.transformer.guided_forward(x_in, t.reshape(1).expand(len(y)).to(device), y, guidance_scale)
-            x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # epsilon channels only
+        with self.transformer.reusing_weights():  # the weights do not change while sampling: normalized once
+            for t in self.progress_bar(self.scheduler.timesteps):
+                x_in = self.scheduler.scale_model_input(x, t)
+                out = self.transformer.guided_forward(x_in, t.reshape(1).expand(len(y)).to(device), y, guidance_scale)
+                x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # epsilon channels
         if self.vae is not None:
             images = LatentDecoder(self.vae, self.latent_mean, self.latent_std)(x)
         else:

@@ -5,6 +5,7 @@ With mp=() and conditioning='adaln-zero' this is DiT layer for layer and initial
 with mp='all' and conditioning='scale-rotation-gate' it is the paper's MP model with rotation modulation.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -403,6 +404,11 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         h = w = int(math.isqrt(x.shape[1]))
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def reusing_weights(self):
+        """A context in which eval-mode no-grad forwards compute the normalized weights once (WeightNormBank's
+        reusing_weights): for a loop that does not change the weights, such as sampling."""
+        return self.weight_norm.reusing_weights() if self.weight_norm is not None else contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, t, y)
