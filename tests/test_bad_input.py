@@ -51,6 +51,14 @@ def files(tmp_path_factory, run):
     bad_log = folder / "bad-log-run"
     bad_log.mkdir()
     (bad_log / "log.jsonl").write_bytes(b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": \xff}\n')
+    for name, rows in (("up.json", [{"name": "../../escaped"}]), ("absolute.json", [{"name": "/tmp/escaped"}]),
+                       ("nul.json", [{"name": "a\u0000b"}]), ("empty.json", [{"name": ""}]),
+                       ("dot.json", [{"name": "./x"}]), ("case.json", [{"name": "mp"}, {"name": "MP"}])):
+        grid(name, rows)
+    assert main(["export", "--ckpt", str(run), "--out", str(folder / "export")]) == 0
+    model_only = folder / "model-only"
+    model_only.mkdir()
+    (model_only / "config.json").write_text(json.dumps(config))
     labels = folder / "bad-test-labels"
     labels.mkdir()
     rng = np.random.default_rng(0)
@@ -85,13 +93,32 @@ CASES = [
     ("train --data idx:{files}/bad-test-labels --steps 1 --out {out}/r", 2,
      "t10k-labels-idx1-ubyte.gz holds label 255, but the data has 10 classes"),
     ("train --data {data} --model DiT-Nano/4 --image-size 4 --steps 1 --out {out}/r", 2, "is a single patch"),
+    # item 2: nothing outside --out, nothing overwritten that the user did not name
+    ("ablate --grid {files}/up.json --out {out}/g", 2, "grid row name '../../escaped' must be one folder name"),
+    ("ablate --grid {files}/absolute.json --out {out}/g", 2, "grid row name '/tmp/escaped' must be one folder"),
+    ("ablate --grid {files}/nul.json --out {out}/g", 2, "grid row name 'a\\x00b' must be one folder name"),
+    ("ablate --grid {files}/empty.json --out {out}/g", 2, "grid row name '' must be one folder name"),
+    ("ablate --grid {files}/dot.json --out {out}/g", 2, "grid row name './x' must be one folder name"),
+    ("ablate --grid {files}/case.json --out {out}/g", 2, "grid rows 'mp' and 'MP' would share one folder"),
+    ("eval --ckpt {run} --num 10 --out {run}/checkpoints/step-0000002/config.json", 2,
+     "step-0000002/config.json would replace config.json, which the run, checkpoint or exported model"),
+    ("eval --ckpt {run} --num 10 --out {run}/train_config.json", 2, "would replace train_config.json"),
+    ("eval --ckpt {run} --num 10 --out {run}/checkpoints/step-0000002/model.safetensors", 2,
+     "would replace model.safetensors"),
+    ("train --data {data} --out {files}/export", 2, "export holds an exported model (README.md): writing a training"),
+    ("train --data {data} --out {files}/model-only", 2, "holds a model (config.json) that is not a training run"),
+    ("train --data {data} --out {run}/checkpoints", 2, "which only its training run writes"),
+    ("train --data {data} --out {run}/ema_snapshots/new", 2, "ema_snapshots, which only its training run writes"),
+    ("ema --run {run} --sigma-rel 0.07 --out {run}/checkpoints", 2, "which only its training run writes"),
+    ("ema --run {run} --sigma-rel 0.07 --out {run}/ema_snapshots", 2, "which only its training run writes"),
+    ("ema --run {run} --sigma-rel 0.07 --out {files}/export", 2, "holds an exported model (README.md)"),
 ]
 
 
 def fingerprint(*folders) -> dict:
-    """{path: sha1 of its bytes} of every file under ``folders``."""
-    return {str(p): hashlib.sha1(p.read_bytes()).hexdigest() for folder in folders for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    """{path: sha1 of its bytes, or 'folder'} of everything under ``folders``."""
+    return {str(p): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for folder in folders for p in sorted(folder.rglob("*"))}
 
 
 def run_cli(argv: list[str]) -> int:
@@ -177,3 +204,23 @@ def test_read_json_errors_name_the_file(tmp_path):
     path.write_text("{nope")
     with pytest.raises(MPDiTError, match=r"grid file .*x.json is not valid JSON"):
         read_json(path, "grid file")
+
+
+def test_pruning_unlinks_a_symlinked_checkpoint_and_keeps_its_target(tmp_path):
+    """A checkpoint folder that is a symbolic link (to another disk): rotation removes the link, never the folder
+    it points to (shutil.rmtree refused links with a bare OSError before)."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.safetensors").write_text("weights")
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step-0000001").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (checkpoints / "step-0000002").mkdir()
+    assert ckpt.prune_checkpoints(tmp_path / "run", 1) == [checkpoints / "step-0000001"]
+    assert [p.name for p in checkpoints.iterdir()] == ["step-0000002"]
+    assert (tmp_path / "elsewhere" / "model.safetensors").read_text() == "weights"
+
+
+@pytest.mark.parametrize("name", ["dit-warmup@lr=0.003", "dit+cosine_attention", "mp-srg@lr=1e+06", "DiT_2.b"])
+def test_row_names_of_the_docs_and_the_sweeps_are_allowed(name):
+    from mpdit.evaluation.ablation import Row
+    assert Row(name).name == name

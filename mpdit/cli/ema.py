@@ -13,6 +13,7 @@ from mpdit.cli.numbers import finite_float
 from mpdit.errors import MPDiTError
 from mpdit.training.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_bytes, is_training_folder, save_safetensors
 from mpdit.training.ema import SIGMA_REL_MAX, SNAPSHOTS, posthoc_plan, reconstruct
+from mpdit.training.outputs import POSTHOC_EMA, refuse_export, refuse_foreign_weights, refuse_run_store
 
 
 def register(subparsers) -> None:
@@ -39,10 +40,13 @@ def run(args: argparse.Namespace) -> int:
     if is_training_folder(out_dir):
         raise MPDiTError(f"--out {out_dir} is a training checkpoint or run: writing EMA weights there would replace its "
                          "raw weights (and a --resume would continue from them); choose a new folder")
+    refuse_run_store(out_dir, "--out")
+    refuse_export(out_dir, "--out", "the rebuilt EMA")
+    refuse_foreign_weights(out_dir, "--out")
     out_step, plan, fit_error = posthoc_plan(run_dir, args.sigma_rel, args.step)
     weights = reconstruct(run_dir, args.sigma_rel, out_step)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"kind": "posthoc-ema", "sigma_rel": repr(args.sigma_rel), "step": out_step, "run": str(run_dir)}
+    metadata = {"kind": POSTHOC_EMA, "sigma_rel": repr(args.sigma_rel), "step": out_step, "run": str(run_dir)}
     save_safetensors(out_dir / MODEL_FILE, weights, metadata)
     atomic_write_bytes(out_dir / CONFIG_FILE, config.read_bytes())
     print(f"post-hoc EMA sigma_rel={args.sigma_rel:g} at step {out_step} from {len(plan)} snapshots:")

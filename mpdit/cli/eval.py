@@ -35,6 +35,7 @@ from mpdit.evaluation.metrics import FeatureStats, InceptionFeatures, feature_st
 from mpdit.files import strict_json
 from mpdit.model.dit import MPDiT
 from mpdit.training.checkpoint import run_data_spec
+from mpdit.training.outputs import refuse_needed_file
 from mpdit.training.train import Distributed, setup_distributed
 
 PROTOCOLS = {"fid10k": 10_000, "fid50k": 50_000}
@@ -165,6 +166,8 @@ def summary_lines(result: dict) -> list[str]:
 
 def run(args) -> int:
     check_counts(args)
+    if args.out:
+        refuse_needed_file(args.out, "--out")
     if args.protocol:
         return run_protocol(args)
     if args.dit_checkpoint or not args.ckpt:

@@ -25,6 +25,7 @@ from mpdit.files import strict_json
 from mpdit.model.config import ATTENTION_OUTPUTS, DiTConfig, attention_output_setting
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import list_checkpoints
+from mpdit.training.outputs import refuse_new_run_folder
 from mpdit.training.schedules import RECIPES, SCHEDULES, recipe_options
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
@@ -157,6 +158,7 @@ def run(args) -> int:
         run_dir = Path(args.out)
         if list_checkpoints(run_dir):
             raise MPDiTError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
+        refuse_new_run_folder(run_dir)
         model_cfg, train_cfg, data = build_configs(args)
         trainer = Trainer(run_dir, model_cfg, train_cfg, data=data)
     if trainer.dist.is_main:

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,27 @@ from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
 from mpdit.training.train import (TrainConfig, Trainer, TrainingDiverged, family_optimizer, model_config_for_data,
                                   read_run_configs)
 
+# A row's name is the folder of its runs (OUT/runs/NAME/seed-S): one path component, of these characters only.
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@=+-]{0,99}")
+
+
+def check_row_name(name: str) -> None:
+    """MPDiTError unless ``name`` is a safe folder name (ROW_NAME): no separators, no '..', no NUL, not empty."""
+    if not ROW_NAME.fullmatch(name):
+        raise MPDiTError(f"grid row name {name!r} must be one folder name: 1 to 100 letters, digits and . _ @ = + - "
+                         "(first a letter or digit), e.g. dit-warmup@lr=0.003")
+
+
+def require_distinct_names(names: list[str]) -> None:
+    """MPDiTError naming two rows whose names are one folder on a case-insensitive file system (or equal)."""
+    seen = {}
+    for name in names:
+        if name.casefold() in seen:
+            raise MPDiTError(f"grid rows '{seen[name.casefold()]}' and '{name}' would share one folder (names are "
+                             "compared ignoring case, as some file systems do): give each row its own name")
+        seen[name.casefold()] = name
+
+
 @dataclass
 class Row:
     """One configuration of the grid."""
@@ -53,6 +75,7 @@ class Row:
 
     def __post_init__(self):
         require_field_types(self, "option")
+        check_row_name(self.name)
         conditioning_ops(self.conditioning)
         attention_output_setting(self.attention_output, parse_mp(self.mp))
         if self.seeds is not None and self.seeds < 1:
@@ -411,13 +434,12 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     the grid's rows in the folder, seeds beyond this invocation's included.
     Returns the final step's lines at each row's best guidance."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = [row.name for row in rows]
-    if len(set(names)) != len(names):
-        raise MPDiTError("grid rows need distinct names")
+    require_distinct_names(names)
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise MPDiTError(f"no grid row is named {', '.join(unknown)}: the rows are {', '.join(names)}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(strict_json({"budget": dataclasses.asdict(budget),
                                                  "rows": [dataclasses.asdict(r) for r in rows]}, "the grid", indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}

@@ -101,12 +101,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` (>= 1) checkpoints; returns the deleted paths."""
+    """Delete all but the newest ``keep`` (>= 1) checkpoints; returns the deleted paths. A checkpoint that is a
+    symbolic link (to a folder elsewhere) loses only its link: the folder it points to is not the run's to delete."""
     if int(keep) != keep or keep < 1:
         raise MPDiTError(f"keep must be a positive integer (number of newest checkpoints to keep), got {keep!r}")
     doomed = [p for _step, p in list_checkpoints(run_dir)[: -int(keep)]]
     for p in doomed:
-        shutil.rmtree(p)
+        if p.is_symlink():
+            p.unlink()
+        else:
+            shutil.rmtree(p)
     return doomed
 
 
