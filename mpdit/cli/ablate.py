@@ -55,7 +55,9 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", default=None, help=f"named grid: {', '.join(PRESETS)}")
     parser.add_argument("--grid", default=None,
                         help="JSON file: a list of rows {name, mp, conditioning, attention_output, lr, schedule, "
-                             "warmup_steps, seeds, timestep_input}, or {budget, rows} (docs/grids/)")
+                             "warmup_steps, seeds, timestep_input}, or {budget, rows} (docs/grids/); a name is the "
+                             "folder of its runs: 1-100 letters, digits and . _ @ = + - (first a letter or digit), "
+                             "distinct ignoring case")
     parser.add_argument("--only", default=None, help="comma list of the rows to train and evaluate; the results "
                         "still report every finished run of the grid in --out")
     parser.add_argument("--out", required=True, help="grid folder")
