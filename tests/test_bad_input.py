@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from mpdit.cli.main import main
 from mpdit.errors import MPDiTError, nonfinite_number
@@ -160,6 +161,25 @@ def test_a_nan_metric_is_an_error_and_writes_nothing(run, tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics.fd_classifier is nan, not a finite number, so it was not written" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 140737488355328 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB"),
+], ids=["cpu", "cuda"])
+def test_out_of_memory_names_the_batch_size(error, tiny_idx, tmp_path, monkeypatch, capsys):
+    """An allocation that fails in a training step (as torch reports it on the CPU and on CUDA): one line naming the
+    batch size and a smaller one, status 2, and the run's checkpoints untouched (written whole)."""
+    argv = ["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "4",
+            "--ckpt-every", "2", "--no-progress", "--out", str(tmp_path / "r")]
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, record: real(self, record) if self.step < 3 else
+                        (_ for _ in ()).throw(error))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory (" in err[0] and "the batch size was 16: try --batch-size 8" in err[0], err
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [2]
 
 
 def test_strict_json_and_nonfinite_number():

@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether torch ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def memory_advice(args, error: BaseException) -> str:
+    """The one line for an allocation that failed: what ran out, the batch size and a smaller one to try."""
+    cause = str(error).split("\n")[0].split(". ")[0].split("] ")[-1][:200] or type(error).__name__
+    batch = getattr(args, "batch_size", None)
+    advice = (f"the batch size was {batch}: try --batch-size {max(batch // 2, 1)}" if isinstance(batch, int)
+              else "try a smaller model or fewer images at once")
+    return (f"out of memory ({cause}); {advice}. Files are written whole, so nothing half-written was left; "
+            "a training run resumes from its newest checkpoint with --resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -62,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         first = next((line for line in str(cause).splitlines() if line.strip()), "")
         print(f"mpdit: error: torch.compile failed on this machine ({type(cause).__name__}: {first[:200]}): run "
               "again with --no-compile", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:  # after BackendCompilerFailed (a RuntimeError)
+        if not out_of_memory(error):
+            raise
+        print(f"mpdit: error: {memory_advice(args, error)}", file=sys.stderr)
         return 2
     return int(code or 0)
 
