@@ -7,6 +7,7 @@ so a killed writer never leaves a half-written file under the final name.
 """
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -51,9 +52,15 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+class WriteFailed(OSError):
+    """A write that failed inside a library (torch.save's RuntimeError, safetensors' SafetensorError: a full disk, a
+    quota) as the OSError that every caller reports in one line (``strerror``: the cause, ``filename``: the path)."""
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and os.replace it onto ``path``."""
+    """Yield a temporary path next to ``path``; on success fsync it and os.replace it onto ``path``. Every writer
+    goes through here: whatever a write raises becomes an OSError (WriteFailed), and ``path`` keeps its old bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -61,9 +68,12 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):  # a failing cleanup (read-only folder) must not hide the first error
             remove_path(tmp)
+        if isinstance(error, Exception) and not isinstance(error, (OSError, MPDiTError)):
+            cause = (str(error).strip().splitlines() or [""])[0][:200]
+            raise WriteFailed(errno.EIO, f"{type(error).__name__}: {cause}", str(path)) from error
         raise
     _fsync_path(path.parent, directory=True)
 

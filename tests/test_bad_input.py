@@ -182,6 +182,42 @@ def test_out_of_memory_names_the_batch_size(error, tiny_idx, tmp_path, monkeypat
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [2]
 
 
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_failing_writer_is_one_line_and_keeps_the_previous_checkpoint(writer, tiny_idx, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A full disk as the libraries report it (SafetensorError, torch.save's RuntimeError), not as an OSError: during
+    the step-4 checkpoint, one line with the path and the cause, status 2, and step 2's checkpoint intact."""
+    import safetensors
+
+    import mpdit.files as files_module
+    argv = ["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "4",
+            "--ckpt-every", "2", "--no-progress", "--out", str(tmp_path / "r")]
+    real_save_file, real_save = files_module.save_file, torch.save
+
+    def full(real, error):
+        def write(*args, **kwargs):
+            if "step-0000004" in str(args[1]):
+                raise error
+            return real(*args, **kwargs)
+        return write
+
+    if writer == "safetensors":
+        monkeypatch.setattr(files_module, "save_file", full(real_save_file, safetensors.SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
+    else:
+        monkeypatch.setattr(torch, "save", full(real_save, RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not write" in err[0] and "step-0000004" in err[0], err
+    assert ("SafetensorError: Error while serializing" if writer == "safetensors" else "RuntimeError: [enforce fail")\
+        in err[0] and "the newest intact checkpoint is" in err[0] and err[0].count("step-0000002") == 1
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [2]
+    assert not [p for p in (tmp_path / "r").rglob("*") if ".tmp-" in p.name]
+    assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+
+
 def test_strict_json_and_nonfinite_number():
     assert nonfinite_number({"a": [1.0, {"b": math.inf}]}) == ("a[1].b", math.inf)
     assert nonfinite_number({"a": [1, "nan", None]}) is None
