@@ -1,6 +1,8 @@
-"""The one exception type the command line turns into a one-line message, and a checked dataclass builder."""
+"""The one exception type the command line turns into a one-line message, a checked dataclass builder, and checks
+of numbers (finite) and dataclass fields (typed)."""
 
 import dataclasses
+import math
 import types
 import typing
 
@@ -43,6 +45,37 @@ def _fits(value, annotation) -> bool:
     return True
 
 
+def nonfinite_number(value, where: str = "") -> tuple[str, float] | None:
+    """(where, number) of the first NaN or infinity in ``value``: a number, or at any depth of dicts, lists and
+    tuples (``where``: the path to it, e.g. 'metrics.fd' or 'cfg_scales[1]'); None if every number is finite."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "the value", value)
+    if isinstance(value, dict):
+        items = ((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{where}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    return next((bad for bad in (nonfinite_number(item, path) for path, item in items) if bad), None)
+
+
+def _check_field(what: str, name: str, value, annotation) -> None:
+    """MPDiTError if ``value`` does not fit the field's annotation or holds a NaN or an infinity."""
+    if not _fits(value, annotation):
+        raise MPDiTError(f"{what} '{name}' must be {_describe(annotation)}, got {value!r}")
+    bad = nonfinite_number(value, name)
+    if bad:
+        raise MPDiTError(f"{what} '{bad[0]}' must be a finite number, got {bad[1]}")
+
+
+def require_field_types(obj, what: str) -> None:
+    """The checks of dataclass_from_dict (each field's type; numbers finite) for a dataclass built directly (the
+    Python API, huggingface_hub's config decoding): call it first in __post_init__."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        _check_field(what, field.name, getattr(obj, field.name), hints[field.name])
+
+
 def dataclass_from_dict(cls, values: dict, what: str):
     """cls(**values), with a one-line MPDiTError if ``values`` is not a dict ('... must be a JSON object'), names
     a key `cls` does not have ('unknown WHAT ...'), or gives a value of the wrong type ('WHAT 'k' must be ...')."""
@@ -54,6 +87,5 @@ def dataclass_from_dict(cls, values: dict, what: str):
         raise MPDiTError(f"unknown {what} '{unknown[0]}' (known: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
-        if not _fits(value, hints[name]):
-            raise MPDiTError(f"{what} '{name}' must be {_describe(hints[name])}, got {value!r}")
+        _check_field(what, name, value, hints[name])
     return cls(**values)

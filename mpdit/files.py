@@ -7,6 +7,8 @@ so a killed writer never leaves a half-written file under the final name.
 """
 
 import contextlib
+import errno
+import json
 import os
 import pickle
 import re
@@ -18,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mpdit.errors import MPDiTError
+from mpdit.errors import MPDiTError, nonfinite_number
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -50,9 +52,15 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+class WriteFailed(OSError):
+    """A write that failed inside a library (torch.save's RuntimeError, safetensors' SafetensorError: a full disk, a
+    quota) as the OSError that every caller reports in one line (``strerror``: the cause, ``filename``: the path)."""
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and os.replace it onto ``path``."""
+    """Yield a temporary path next to ``path``; on success fsync it and os.replace it onto ``path``. Every writer
+    goes through here: whatever a write raises becomes an OSError (WriteFailed), and ``path`` keeps its old bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -60,9 +68,12 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):  # a failing cleanup (read-only folder) must not hide the first error
             remove_path(tmp)
+        if isinstance(error, Exception) and not isinstance(error, (OSError, MPDiTError)):
+            cause = (str(error).strip().splitlines() or [""])[0][:200]
+            raise WriteFailed(errno.EIO, f"{type(error).__name__}: {cause}", str(path)) from error
         raise
     _fsync_path(path.parent, directory=True)
 
@@ -76,6 +87,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of ``path``; bytes that are not UTF-8 are a one-line MPDiTError naming ``what``, the path and
+    the offset (a missing file stays a FileNotFoundError, for the callers that name what is missing)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise MPDiTError(f"{what} {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}): pass the right file, or rewrite it as UTF-8") from None
+
+
+def parse_json(text: str, what: str):
+    """json.loads(text) with one-line MPDiTErrors naming ``what``: invalid JSON, or nested too deep to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MPDiTError(f"{what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise MPDiTError(f"{what} is nested too deeply to read (JSON objects or lists inside each other more than "
+                         "about a thousand levels): pass the right file") from None
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON value of the file ``path`` (read_text, then parse_json): one-line errors name ``what`` and the path."""
+    return parse_json(read_text(path, what), f"{what} {path}")
+
+
+def read_json_lines(path: str | os.PathLike, what: str) -> list:
+    """The values of a JSON-lines file (blank lines skipped), one-line errors naming the line."""
+    return [parse_json(line, f"{what} {path}, line {number}")
+            for number, line in enumerate(read_text(path, what).splitlines(), 1) if line.strip()]
+
+
+def strict_json(value, what: str, **options) -> str:
+    """json.dumps(value, **options) as strict JSON (no bare NaN or Infinity, which other readers refuse); a
+    non-finite number is a one-line MPDiTError naming ``what`` and where the number is, and nothing is written."""
+    bad = nonfinite_number(value)
+    if bad is not None:
+        raise MPDiTError(f"{what}: {bad[0]} is {bad[1]}, not a finite number, so it was not written")
+    return json.dumps(value, allow_nan=False, **options)
 
 
 @contextlib.contextmanager

@@ -135,10 +135,11 @@ class MPDiTPipeline(DiffusionPipeline):
         self.objective.set_scheduler_timesteps(self.scheduler, num_inference_steps, device)
         self.transformer.eval()
         denoiser = self.objective.denoiser(lambda x_in, s: self.transformer.guided_forward(x_in, s, y, guidance_scale))
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
-            out = denoiser(x_in, self.objective.scheduler_time(t.reshape(1).expand(len(y)).to(device)))
-            x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # eps or velocity
+        with self.transformer.reusing_weights():  # the weights do not change while sampling: normalized once
+            for t in self.progress_bar(self.scheduler.timesteps):
+                x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
+                out = denoiser(x_in, self.objective.scheduler_time(t.reshape(1).expand(len(y)).to(device)))
+                x = self.scheduler.step(out[:, :c].float(), t, x, generator=generator).prev_sample  # eps or velocity
         if self.vae is not None:
             images = LatentDecoder(self.vae, self.latent_mean, self.latent_std)(x)
         else:

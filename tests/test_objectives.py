@@ -363,7 +363,7 @@ def test_bad_objective_and_dyt_input_is_one_line_and_writes_nothing(tmp_path, ti
     base = ["train", "--model", "DiT-Nano/4", "--data", tiny_idx, "--steps", "2", "--batch-size", "16",
             "--no-progress", "--out", str(run)]
     for extra, fragment in ((["--objective", "flow", "--logit-std", "0"], "std must be a finite number > 0"),
-                            (["--objective", "flow", "--logit-mean", "nan"], "mean must be a finite number"),
+                            (["--objective", "flow", "--logit-mean", "nan"], "'logit_mean' must be a finite number"),
                             (["--norm", "dyt"], "no_layernorm switch"),
                             (["--objective", "flow", "--min-snr-gamma", "5"], "Min-SNR"),
                             (["--objective", "flow", "--timestep-input", "raw"], "timestep-input raw")):

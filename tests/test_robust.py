@@ -457,12 +457,13 @@ def test_from_pretrained_is_strict(tmp_path):
     assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
                                                                         model.state_dict().values()))
     config = json.loads((tmp_path / "config.json").read_text())
-    for change, message in [(dict(depth=3), "missing key 'blocks.2"), (dict(depth=None), "missing key 'blocks.2"),
+    for change, message in [(dict(depth=3), "missing key 'blocks.2"), (dict(depth=None), "lacks the key 'depth'"),
                             (dict(foo=1), "unknown model config key 'foo'"),
-                            (dict(depth="2"), "depth must be an integer")]:
+                            (dict(depth="2"), "'depth' must be an integer"), (dict(mp=5), "'mp' must be a list of"),
+                            (dict(mlp_ratio=[4.0]), "'mlp_ratio' must be a number")]:
         bad = {**config, **change}
         if change.get("depth", 0) is None:
-            del bad["depth"]  # no depth key: the default 12 blocks do not match the 2 stored
+            del bad["depth"]  # no depth key: named (issue 25), not blamed on the blocks the default 12 would want
         (tmp_path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(MPDiTError, match=message):
             MPDiT.from_pretrained(tmp_path)

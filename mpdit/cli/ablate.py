@@ -1,6 +1,7 @@
 """`mpdit ablate`: train and evaluate a grid of configurations with equal budget and several seeds,
 then write OUT/results.csv and OUT/results.md. Re-run the same command to continue a grid: finished
-runs are skipped and interrupted ones resume from their last checkpoint.
+runs are skipped and interrupted ones resume from their last checkpoint. SIGTERM or SIGUSR1 (a cluster's
+preemption) stops the grid after the current training step with a checkpoint, and exit status 75 (docs/cluster.md).
 
 The budget (model, data, steps, evaluation) comes from the options below, over the "budget" of a grid file
 ({"budget": {...}, "rows": [...]}) where it has one, over the defaults shown.
@@ -11,15 +12,12 @@ import dataclasses
 from dataclasses import replace
 from pathlib import Path
 
+from mpdit.cli.numbers import finite_float, finite_floats
 from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.evaluation.ablation import PRESETS, Budget, load_grid, run_grid, with_lr_sweep
+from mpdit.training.preemption import resumed_by
 
 DEFAULTS = Budget()
-
-
-def floats(text: str) -> tuple[float, ...]:
-    """A comma list of numbers, e.g. 1,1.5,4."""
-    return tuple(float(x) for x in text.split(","))
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -43,7 +41,8 @@ def run(args) -> int:
         rows = with_lr_sweep(rows, list(args.lr_sweep))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
     budget = dataclass_from_dict(Budget, {**file_budget, **given}, "budget option")
-    best = run_grid(args.out, rows, budget, only=set(args.only.split(",")) if args.only else None)
+    with resumed_by("the same mpdit ablate command again"):  # a stop comes after the current run's checkpoint
+        best = run_grid(args.out, rows, budget, only=set(args.only.split(",")) if args.only else None)
     table = Path(args.out) / "results.md"
     print(table.read_text())
     print(f"{len(best)} rows; results in {Path(args.out) / 'results.csv'} and {table}")
@@ -57,7 +56,9 @@ def register(subparsers) -> None:
     parser.add_argument("--grid", default=None,
                         help="JSON file: a list of rows {name, mp, conditioning, attention_output, lr, schedule, "
                              "warmup_steps, seeds, timestep_input, objective, time_sampling, logit_mean, logit_std, "
-                             "sampler, norm, zero_init, width}, or {budget, rows} (docs/grids/)")
+                             "sampler, norm, zero_init, width, precision}, or {budget, rows} (docs/grids/); a name is "
+                             "the folder of its runs: 1-100 letters, digits and . _ @ = + - (first a letter or digit), "
+                             "distinct ignoring case")
     parser.add_argument("--only", default=None, help="comma list of the rows to train and evaluate; the results "
                         "still report every finished run of the grid in --out")
     parser.add_argument("--out", required=True, help="grid folder")
@@ -68,14 +69,14 @@ def register(subparsers) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row unless the row says (default 1)")
     parser.add_argument("--main-seeds", type=int, default=3, help="paper preset: seeds of the four main rows")
     parser.add_argument("--switch-seeds", type=int, default=1, help="paper preset: seeds of single-switch rows")
-    parser.add_argument("--shared-lr", type=float, default=None, help="every row at this lr (a fair check)")
+    parser.add_argument("--shared-lr", type=finite_float, default=None, help="every row at this lr (a fair check)")
     parser.add_argument("--shared-schedule", choices=["constant", "edm2"], default="constant")
-    parser.add_argument("--lr-sweep", type=floats, default=None,
+    parser.add_argument("--lr-sweep", type=finite_floats, default=None,
                         help="comma list of lrs: every row at each, best reported")
     parser.add_argument("--t-ref", type=int, default=None, help=f"edm2 rows' t_ref (default {DEFAULTS.t_ref})")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help=f"edm2 rows' warm-up (default {DEFAULTS.warmup_steps})")
-    parser.add_argument("--min-snr-gamma", type=float, default=None, help="Min-SNR loss weighting (default 0: off)")
+    parser.add_argument("--min-snr-gamma", type=finite_float, default=None, help="Min-SNR loss weighting (default 0: off)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -86,7 +87,7 @@ def register(subparsers) -> None:
                         help=f"samples per evaluation (default {DEFAULTS.eval_num})")
     parser.add_argument("--sampler", default=None, help=f"default {DEFAULTS.sampler}")
     parser.add_argument("--sample-steps", type=int, default=None, help=f"default {DEFAULTS.sample_steps}")
-    parser.add_argument("--cfg-scale", "--cfg-scales", dest="cfg_scales", type=floats, default=None,
+    parser.add_argument("--cfg-scale", "--cfg-scales", dest="cfg_scales", type=finite_floats, default=None,
                         help=f"comma list of guidance scales, each evaluated; each row is reported at its best and at "
                              f"1 when listed (default {DEFAULTS.cfg_scales[0]:g})")
     parser.add_argument("--classifier", default=None, metavar="PATH",

@@ -14,7 +14,6 @@ velocity evaluation), each flow row with its ratios to the same variant under DD
 """
 
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from mpdit.data.datasets import ImageDataset
 from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.kernels import KernelCounter, count_kernels, saved_bytes
+from mpdit.files import strict_json
 from mpdit.model.config import DiTConfig, mp_label
 from mpdit.model.dit import MPDiT
 from mpdit.training.ema import ClassicEMA
@@ -291,9 +291,9 @@ def run(args) -> int:
                      count_ops=args.count_ops, loop=args.loop,
                      objectives=("ddpm",) if args.objective == "ddpm" else ("ddpm", args.objective))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(strict_json(rows, "the benchmark", indent=2))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, "the benchmark", indent=2))
         return 0
     first = rows[0]
     print(f"{args.model}, batch {args.batch}, input {args.in_channels}x{args.input_size}x{args.input_size}, "

@@ -7,9 +7,9 @@ writes OUT/classifier.safetensors and OUT/classifier.json (architecture, recipe,
 
 from __future__ import annotations
 
-import json
-
+from mpdit.cli.numbers import finite_float
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 
 
 def register(subparsers) -> None:
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of initialization and shuffling (default 0)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the train split (default 2)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for quick tests)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, cosine-decayed (default 2e-3)")
+    parser.add_argument("--lr", type=finite_float, default=2e-3, help="AdamW learning rate, cosine-decayed (default 2e-3)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
@@ -52,5 +52,5 @@ def run(args) -> int:
     )
     weights_path, json_path = save_classifier(model, args.out, recipe)
     print(f"wrote {weights_path} and {json_path}")
-    print(json.dumps({"test_accuracy": recipe["test_accuracy"], "train_seconds": recipe["train_seconds"]}))
+    print(strict_json({"test_accuracy": recipe["test_accuracy"], "train_seconds": recipe["train_seconds"]}, "the report"))
     return 0

@@ -7,14 +7,16 @@ OUT_DIR/objective.json (the run's training objective), so OUT_DIR loads and samp
 """
 
 import argparse
-import json
 from pathlib import Path
 
+from mpdit.cli.numbers import finite_float
 from mpdit.diffusion.objectives import OBJECTIVE_FILE
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.training.checkpoint import (CONFIG_FILE, MODEL_FILE, atomic_write_bytes, atomic_write_text,
                                        is_training_folder, objective_config, save_safetensors)
 from mpdit.training.ema import SIGMA_REL_MAX, SNAPSHOTS, posthoc_plan, reconstruct
+from mpdit.training.outputs import POSTHOC_EMA, refuse_export, refuse_foreign_weights, refuse_run_store
 
 
 def register(subparsers) -> None:
@@ -25,7 +27,7 @@ def register(subparsers) -> None:
         f"last snapshot, from RUN_DIR/{SNAPSHOTS}/ (EDM2 sec. 3.2). Writes OUT_DIR/{MODEL_FILE} and OUT_DIR/{CONFIG_FILE}.",
     )
     p.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="training run directory")
-    p.add_argument("--sigma-rel", required=True, type=float, help="relative EMA width to rebuild, e.g. 0.07")
+    p.add_argument("--sigma-rel", required=True, type=finite_float, help="relative EMA width to rebuild, e.g. 0.07")
     p.add_argument("--step", type=int, default=None, help="training step to rebuild at (default: last snapshot)")
     p.add_argument("--out", required=True, type=Path, metavar="OUT_DIR", help="output directory")
     p.set_defaults(func=run)
@@ -41,13 +43,17 @@ def run(args: argparse.Namespace) -> int:
     if is_training_folder(out_dir):
         raise MPDiTError(f"--out {out_dir} is a training checkpoint or run: writing EMA weights there would replace its "
                          "raw weights (and a --resume would continue from them); choose a new folder")
+    refuse_run_store(out_dir, "--out")
+    refuse_export(out_dir, "--out", "the rebuilt EMA")
+    refuse_foreign_weights(out_dir, "--out")
     out_step, plan, fit_error = posthoc_plan(run_dir, args.sigma_rel, args.step)
     weights = reconstruct(run_dir, args.sigma_rel, out_step)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"kind": "posthoc-ema", "sigma_rel": repr(args.sigma_rel), "step": out_step, "run": str(run_dir)}
+    metadata = {"kind": POSTHOC_EMA, "sigma_rel": repr(args.sigma_rel), "step": out_step, "run": str(run_dir)}
     save_safetensors(out_dir / MODEL_FILE, weights, metadata)
     atomic_write_bytes(out_dir / CONFIG_FILE, config.read_bytes())
-    atomic_write_text(out_dir / OBJECTIVE_FILE, json.dumps(objective_config(run_dir).to_dict(), indent=2))
+    atomic_write_text(out_dir / OBJECTIVE_FILE,
+                      strict_json(objective_config(run_dir).to_dict(), "the objective", indent=2))
     print(f"post-hoc EMA sigma_rel={args.sigma_rel:g} at step {out_step} from {len(plan)} snapshots:")
     print(f"  {'step':>9} {'sigma_rel':>9} {'coefficient':>12}")
     for step, sigma_rel, _path, coef in plan:

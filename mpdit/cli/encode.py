@@ -6,9 +6,8 @@ run resumes with its missing shards; under torchrun the ranks split the shards. 
 files are reported and skipped (their count is in OUT/metadata.json).
 """
 
-import json
-
 from mpdit.data.latents import DEFAULT_VAE, encode_folder
+from mpdit.files import strict_json
 from mpdit.training.train import setup_distributed
 
 
@@ -20,7 +19,8 @@ def run(args) -> int:
                          rank=dist.rank, world_size=dist.world_size, progress=not args.no_progress)
     if meta is not None:
         keys = ("vae", "resolution", "flip", "latent_shape", "num_images", "num_items", "skipped", "num_shards")
-        print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}, "num_classes": len(meta["class_names"])}))
+        print(strict_json({"out": args.out, **{k: meta[k] for k in keys}, "num_classes": len(meta["class_names"])},
+                          "the report"))
     return 0
 
 

@@ -20,7 +20,6 @@ contiguous run of batches (noise seeded per batch, so the images do not depend o
 count); rank 0 gathers and scores.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -34,8 +33,10 @@ from mpdit.diffusion.objectives import Objective, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.evaluate import evaluate, evaluate_loss
 from mpdit.evaluation.metrics import FeatureStats, InceptionFeatures, feature_stats
+from mpdit.files import read_json, strict_json
 from mpdit.model.dit import MPDiT
 from mpdit.training.checkpoint import run_data_spec
+from mpdit.training.outputs import refuse_needed_file
 from mpdit.training.train import Distributed, setup_distributed
 
 PROTOCOLS = {"fid10k": 10_000, "fid50k": 50_000}
@@ -146,10 +147,10 @@ def run_protocol(args) -> int:
         return 0
     result["protocol"] = {"name": args.protocol, **source, **result["protocol"]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(strict_json(result, "the evaluation", indent=2))
     result["written_to"] = str(out)
     p = result["protocol"]
-    print(json.dumps(result) if args.json else
+    print(strict_json(result, "the evaluation") if args.json else
           f"{args.protocol}: FID {result['metrics']['fid']:.4g} ({p['num_samples']} samples, ddpm 250, guidance "
           f"{p['cfg_scale']}, seed {p['seed']}; reference {p['reference']})\nwritten to {out} and {result['npz']}")
     return 0
@@ -174,14 +175,14 @@ def run_loss(args) -> int:
     result = evaluate_loss(args.ckpt, weights=args.weights, num=1000 if args.num is None else args.num,
                            seed=args.seed, device=args.device, data=args.data)
     out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    if previous.get("protocol", {}).get("checkpoint") == result["protocol"]["checkpoint"]:
+    previous = read_json(out, "the evaluation") if out.is_file() else {}
+    if isinstance(previous, dict) and previous.get("protocol", {}).get("checkpoint") == result["protocol"]["checkpoint"]:
         result = {**previous, "metrics": {**previous["metrics"], **result["metrics"]},
                   "protocol": {**previous["protocol"], **result["protocol"]}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(strict_json(result, "the evaluation", indent=2))
     m = result["metrics"]
-    print(json.dumps(result | {"written_to": str(out)}) if args.json else
+    print(strict_json(result | {"written_to": str(out)}, "the evaluation") if args.json else
           f"validation loss {m['val_loss']:.5f} ({result['protocol']['validation_loss']['images']}; per level "
           f"{', '.join(f'{v:.4f}' for v in m['val_loss_per_level'])})\nwritten to {out}")
     return 0
@@ -189,6 +190,8 @@ def run_loss(args) -> int:
 
 def run(args) -> int:
     check_counts(args)
+    if args.out:
+        refuse_needed_file(args.out, "--out")
     if args.protocol:
         return run_protocol(args)
     if args.dit_checkpoint or not args.ckpt:
@@ -208,10 +211,10 @@ def run(args) -> int:
                       compile_model=args.compile, time_shift=args.time_shift)
     out = Path(args.out) if args.out else Path(result["protocol"]["checkpoint"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(strict_json(result, "the evaluation", indent=2))
     result["written_to"] = str(out)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result, "the evaluation"))
     else:
         print("\n".join(summary_lines(result) + [f"written to {out}"]))
     return 0

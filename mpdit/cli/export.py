@@ -7,9 +7,8 @@ checkpoint, latent space, objective) and a README.md model card (``mpdit.trainin
 ``MPDiT.from_pretrained(OUT_DIR)`` or ``MPDiTPipeline.from_pretrained_model(OUT_DIR)``.
 """
 
-import json
-
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.training.export import export_checkpoint
 from mpdit.training.checkpoint import is_training_folder
 
@@ -19,7 +18,8 @@ def run(args) -> int:
         raise MPDiTError(f"--out {args.out} is a training checkpoint or run: exporting there would replace its raw "
                          "weights (and a --resume would continue from them); choose a new folder")
     out = export_checkpoint(args.ckpt, args.out, args.weights)
-    print(json.dumps({"exported": str(out), "checkpoint": str(args.ckpt), "weights": args.weights}))
+    print(strict_json({"exported": str(out), "checkpoint": str(args.ckpt), "weights": args.weights},
+                      "the report"))
     return 0
 
 

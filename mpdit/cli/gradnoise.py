@@ -8,13 +8,18 @@ raw weights by default (the weights the optimizer steps); K = --batches independ
 images each, seeded. Writes CHECKPOINT/gradnoise.json unless --out names another file.
 """
 
-import json
 from pathlib import Path
 
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import device_of
+from mpdit.files import strict_json
 from mpdit.training.checkpoint import checkpoint_objective, load_checkpoint_model, run_data_spec, run_train_config
 from mpdit.training.gradnoise import gradient_noise_scale
+
+
+def describe(scale: dict) -> str:
+    b = "not measurable (|G|^2 <= 0 at this many batches)" if scale["b_simple"] is None else f"{scale['b_simple']:.4g}"
+    return f"B_simple {b} (tr Sigma {scale['trace_sigma']:.4g}, |G|^2 {scale['grad_norm_sq']:.4g})"
 
 
 def run(args) -> int:
@@ -28,18 +33,15 @@ def run(args) -> int:
     result = {"checkpoint": str(checkpoint), "weights": weights, "objective": objective.name,
               "min_snr_gamma": min_snr_gamma, **result}
     out = Path(args.out) if args.out else checkpoint / "gradnoise.json"
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(strict_json(result, "the gradient noise scale", indent=2))
     if args.json:
-        print(json.dumps(result | {"written_to": str(out)}))
+        print(strict_json(result | {"written_to": str(out)}, "the gradient noise scale"))
         return 0
-    total = result["total"]
     print(f"gradient noise scale of {checkpoint} ({weights} weights, {objective.name}; {args.batches} batches of "
-          f"{args.batch_size}): B_simple {total['b_simple']:.4g} (tr Sigma {total['trace_sigma']:.4g}, "
-          f"|G|^2 {total['grad_norm_sq']:.4g})")
+          f"{args.batch_size}): {describe(result['total'])}")
     for b in result["bins"]:
         low, high = b["range"]
-        print(f"  time {low:g}-{high:g}: B_simple {b['b_simple']:.4g} (tr Sigma {b['trace_sigma']:.4g}, "
-              f"|G|^2 {b['grad_norm_sq']:.4g})")
+        print(f"  time {low:g}-{high:g}: {describe(b)}")
     print(f"written to {out}")
     return 0
 

@@ -2,8 +2,10 @@
 
 Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed arguments, returning an exit code or None).
-User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2. Commands whose parser
-sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count (``mpdit.cli.threads``).
+User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2; a training stopped by SIGTERM
+or SIGUSR1 (``Preempted``, after its checkpoint), one line saying how to go on and exit code 75 (PREEMPTED_EXIT).
+Commands whose parser sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count
+(``mpdit.cli.threads``).
 """
 
 import argparse
@@ -15,13 +17,22 @@ import torch
 from mpdit import __version__
 from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
+from mpdit.training.preemption import PREEMPTED_EXIT, Preempted
 
 SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
                "gradnoise", "classifier"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (no usage block) and exit code 2; the subcommands'
+    parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mpdit", description="Magnitude-preserving Diffusion Transformers with rotation modulation."
     )
     parser.add_argument("--version", action="version", version=f"mpdit {__version__}")
@@ -29,6 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"mpdit.cli.{name}").register(subparsers)
     return parser
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether torch ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def memory_advice(args, error: BaseException) -> str:
+    """The one line for an allocation that failed: what ran out, the batch size and a smaller one to try."""
+    cause = str(error).split("\n")[0].split(". ")[0].split("] ")[-1][:200] or type(error).__name__
+    batch = getattr(args, "batch_size", None)
+    advice = (f"the batch size was {batch}: try --batch-size {max(batch // 2, 1)}" if isinstance(batch, int)
+              else "try a smaller model or fewer images at once")
+    return (f"out of memory ({cause}); {advice}. Files are written whole, so nothing half-written was left; "
+            "a training run resumes from its newest checkpoint with --resume")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MPDiTError, OSError) as error:  # OSError: a missing file, a full disk, a read-only folder...
         print(f"mpdit: error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"mpdit: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("mpdit: interrupted", file=sys.stderr)
         return 130
@@ -48,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         first = next((line for line in str(cause).splitlines() if line.strip()), "")
         print(f"mpdit: error: torch.compile failed on this machine ({type(cause).__name__}: {first[:200]}): run "
               "again with --no-compile", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:  # after BackendCompilerFailed (a RuntimeError)
+        if not out_of_memory(error):
+            raise
+        print(f"mpdit: error: {memory_advice(args, error)}", file=sys.stderr)
         return 2
     return int(code or 0)
 

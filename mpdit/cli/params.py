@@ -1,8 +1,7 @@
 """`mpdit params`: parameter counts per conditioning variant and mp preset, with differences in percent; for mp
 settings that keep LayerNorms, also the DyT rows (each LayerNorm replaced by tanh(alpha x): one scalar per layer)."""
 
-import json
-
+from mpdit.files import strict_json
 from mpdit.model.config import NORMS, DiTConfig, mp_label, parse_mp
 from mpdit.model.dit import count_params
 from mpdit.nn.modulation import CONDITIONINGS
@@ -32,7 +31,7 @@ def run(args) -> int:
     conditionings = args.conditioning.split(",") if args.conditioning else list(CONDITIONINGS)
     rows = param_table(args.model, args.mp.split(";"), conditionings, **overrides)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, "the rows", indent=2))
         return 0
     print(f"{args.model}, input {args.in_channels}x{args.input_size}x{args.input_size}, "
           f"{args.num_classes} classes, learned sigma: {not args.no_learn_sigma}")

@@ -34,7 +34,9 @@ import torch
 from mpdit.cli import eval as eval_command
 from mpdit.cli.main import build_parser
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.training.checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints
+from mpdit.training.preemption import resumed_by
 from mpdit.training.train import read_run_configs
 
 # The main job's recipe: `mpdit train`'s defaults (DiT-Micro/4, all-MP, scale-rotation-gate, batch 64, AdamW with
@@ -110,7 +112,7 @@ def run(args) -> int:
     timings = {}
     if train_argv is not None:
         train_args = parser.parse_args(train_argv + quiet)
-        with stage_output:
+        with stage_output, resumed_by("the same mpdit quickstart command again"):
             train_args.func(train_args)
         timings["train_s"] = round(time.perf_counter() - started, 1)
     checkpoint = latest_checkpoint(out)
@@ -129,7 +131,7 @@ def run(args) -> int:
             work()
         timings[f"{name}_s"] = round(time.perf_counter() - mark, 1)
         stages[name] = inputs
-        atomic_write_text(stages_path, json.dumps(stages, indent=2))
+        atomic_write_text(stages_path, strict_json(stages, "the stage record", indent=2))
 
     grid = out / "samples" / "quickstart.png"
     common = {"checkpoint": str(checkpoint), "seed": args.seed, "cfg_scale": QUICKSTART_CFG_SCALE}
@@ -144,14 +146,14 @@ def run(args) -> int:
     def evaluate() -> None:
         result = eval_command.evaluate(out, num=args.eval_num, seed=args.seed, cfg_scale=QUICKSTART_CFG_SCALE,
                                        progress=not args.no_progress, compile_model=compiled)
-        atomic_write_text(metric_path, json.dumps(result, indent=2))
+        atomic_write_text(metric_path, strict_json(result, "the evaluation", indent=2))
 
     stage("eval", {**common, "num": args.eval_num}, [metric_path], evaluate)
     result = json.loads(metric_path.read_text())
     files = {"checkpoint": str(checkpoint), "grid": str(grid), "grid_arrays": str(grid.with_suffix(".npz")),
              "training_log": str(out / "log.jsonl"), "metrics": str(metric_path)}
     if args.json:
-        print(json.dumps({"run": str(out), **files, "timings": timings, **result}))
+        print(strict_json({"run": str(out), **files, "timings": timings, **result}, "the report"))
         return 0
     done = {"train_s": "training", "sample_s": "grid", "eval_s": "evaluation"}
     spent = ", ".join(f"{label} {duration(timings[key])}" for key, label in done.items() if key in timings)

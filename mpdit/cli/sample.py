@@ -1,15 +1,16 @@
 """`mpdit sample`: class-conditional samples from a checkpoint, written as a PNG grid and an ADM-style .npz."""
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from mpdit.cli.numbers import finite_float
 from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, device_of, generate, save_grid, save_npz
 from mpdit.diffusion.objectives import OBJECTIVES, check_time_shift, make_objective
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.model.convert import load_official_checkpoint
 from mpdit.training.checkpoint import checkpoint_objective, load_checkpoint_model, run_data_spec
 
@@ -90,7 +91,7 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
     parser.add_argument("--steps", type=step_spec, default=steps,
                         help=f"sampling steps (default {steps}; DDPM samplers space them evenly as DiT, or take ADM's "
                              "ddimN: a stride of 1000 // N, the spacing of diffusers' DDIMScheduler)")
-    parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE,
+    parser.add_argument("--cfg-scale", type=finite_float, default=DEFAULT_CFG_SCALE,
                         help=f"classifier-free guidance scale (1: none; default {DEFAULT_CFG_SCALE})")
     parser.add_argument("--time-shift", type=float, default=1.0, metavar="S",
                         help="flow samplers: SD3's time shift t' = S t / (1 + (S - 1) t) (default 1: none)")
@@ -118,7 +119,7 @@ def run(args) -> int:
     report = {"grid": str(grid), "npz": str(npz), **source, "num": len(images), "sampler": sampler,
               "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed} | (
         {"time_shift": args.time_shift} if args.time_shift != 1 else {})
-    print(json.dumps(report) if args.json else
+    print(strict_json(report, "the report") if args.json else
           f"{len(images)} samples ({sampler} {args.steps} steps, guidance {args.cfg_scale}, seed {args.seed}, "
           f"weights {source['weights']} of {source['checkpoint']}): grid {grid}, arrays {npz}")
     return 0

@@ -3,25 +3,32 @@
 The defaults are a plain recipe (3,000 steps, no Min-SNR weighting). `mpdit quickstart` trains with a different
 one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile --out runs/quickstart`, the other options at
 their defaults.
+
+Preemption: SIGTERM (Slurm, Kubernetes, `timeout`) or SIGUSR1 (Slurm's --signal warning) finishes the current step,
+writes a checkpoint, prints one line saying how to resume (`mpdit train --resume DIR`) and exits with status 75
+(under torchrun every process stops at the same step). The resumed run is the same, bit for bit, as one never
+stopped. Slurm with requeue: docs/cluster.md.
 """
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from mpdit.cli.numbers import finite_float, finite_floats
 from mpdit.data.datasets import ImageDataset, load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, generate, grid_labels, save_grid
 from mpdit.diffusion.flow import TIME_SAMPLINGS
 from mpdit.diffusion.objectives import OBJECTIVES
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 from mpdit.model.config import (ATTENTION_OUTPUTS, HEAD_DIM, NORMS, ZERO_INIT, DiTConfig, attention_output_setting,
                                 width_overrides)
 from mpdit.nn.modulation import CONDITIONINGS
 from mpdit.training.checkpoint import list_checkpoints
+from mpdit.training.outputs import refuse_new_run_folder
 from mpdit.training.schedules import RECIPES, SCHEDULES, recipe_options
 from mpdit.training.train import TrainConfig, Trainer, family_optimizer, model_config_for_data, read_run_configs
 
@@ -48,9 +55,9 @@ def fill_unset(args, values: dict) -> None:
 def numbers(text: str, option: str) -> tuple[float, ...]:
     """'0.9,0.99' -> (0.9, 0.99); a one-line error naming ``option`` for anything else."""
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise MPDiTError(f"{option} takes comma-separated numbers, got {text!r}") from None
+        return finite_floats(text)
+    except argparse.ArgumentTypeError:
+        raise MPDiTError(f"{option} takes comma-separated finite numbers, got {text!r}") from None
 
 
 def apply_recipe(args) -> None:
@@ -159,6 +166,7 @@ def run(args) -> int:
         run_dir = Path(args.out)
         if list_checkpoints(run_dir):
             raise MPDiTError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
+        refuse_new_run_folder(run_dir)
         model_cfg, train_cfg, data = build_configs(args)
         trainer = Trainer(run_dir, model_cfg, train_cfg, data=data)
     if trainer.dist.is_main:
@@ -173,7 +181,7 @@ def run(args) -> int:
     if trainer.dist.is_main:
         report = {"run": str(run_dir), "checkpoint": str(last), "log": str(run_dir / "log.jsonl"),
                   "samples": str(run_dir / "samples"), "step": trainer.step}
-        print(json.dumps(report) if args.json else
+        print(strict_json(report, "the report") if args.json else
               f"trained to step {trainer.step:,}: checkpoint {last}; log {report['log']}; sample grids {report['samples']}")
     return 0
 
@@ -185,7 +193,7 @@ def add_model_options(parser) -> None:
                         metavar="NAME", help=f"{', '.join(CONDITIONINGS)} (default scale-rotation-gate)")
     parser.add_argument("--timestep-input", default="log-sigma", choices=["log-sigma", "raw"],
                         help="MP timestep embedder input: EDM2's ln(sigma)/4 (default) or the raw step (ablation)")
-    parser.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
+    parser.add_argument("--class-dropout", type=finite_float, default=0.1, help="label dropout for guidance (default 0.1)")
     parser.add_argument("--attention-output", choices=ATTENTION_OUTPUTS, default="normalized",
                         help="cosine attention: rescale each head's output to RMS 1 (normalized, default; our "
                              "addition) or not (plain: the paper's exact model)")
@@ -214,7 +222,7 @@ def add_training_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"optimizer steps (default {DEFAULT_STEPS}; with --resume: the run's own, or extend to N)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes (default 64)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-2 for MP models, 1e-4 for DiT)")
+    parser.add_argument("--lr", type=finite_float, default=None, help="learning rate (default 1e-2 for MP models, 1e-4 for DiT)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None,
                         help="learning-rate schedule (default edm2 for MP models, constant for DiT)")
     parser.add_argument("--warmup-steps", type=int, default=None,
@@ -222,13 +230,13 @@ def add_training_options(parser) -> None:
     parser.add_argument("--t-ref", type=int, default=1000,
                         help="edm2 schedule: decay as 1/sqrt(step/t_ref) after t_ref steps (default 1000)")
     parser.add_argument("--betas", default=None, help="Adam betas 'b1,b2' (default 0.9,0.99 MP; 0.9,0.999 DiT)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    parser.add_argument("--grad-clip", type=float, default=None,
+    parser.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--grad-clip", type=finite_float, default=None,
                         help="clip the gradient norm to this (default: no clipping)")
-    parser.add_argument("--min-snr-gamma", type=float, default=0.0,
+    parser.add_argument("--min-snr-gamma", type=finite_float, default=0.0,
                         help="weight the mse term by min(SNR, gamma) / SNR (Min-SNR; default 0: off, as DiT; "
                              "the quickstart uses 5)")
-    parser.add_argument("--ema-decay", type=float, default=0.9999, help="classic EMA decay (default 0.9999; 0 disables)")
+    parser.add_argument("--ema-decay", type=finite_float, default=0.9999, help="classic EMA decay (default 0.9999; 0 disables)")
     parser.add_argument("--ema-sigma-rels", default="0.05,0.10",
                         help="power-function EMA sigma_rel list (default 0.05,0.10; empty disables)")
     parser.add_argument("--snapshot-every", type=int, default=0,

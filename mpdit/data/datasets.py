@@ -288,6 +288,15 @@ def _find_idx(folder: Path, prefix: str, kind: str, rank: int) -> Path | None:
     return None
 
 
+def _idx_labels(folder: Path, split: str) -> tuple[Path, np.ndarray] | None:
+    """The labels file of ``split`` in an IDX folder and its labels (read once, cached), or None if it has none."""
+    path = _find_idx(folder, _IDX_PREFIX[split], "labels", 1)
+    if path is None:
+        return None
+    stat = path.stat()
+    return path, _read_idx_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def _load_idx_folder(folder: Path, split: str, image_size, num_classes=None, class_names=None, source=""):
     prefix = _IDX_PREFIX[split]
     images_path = _find_idx(folder, prefix, "images", 3)
@@ -299,14 +308,18 @@ def _load_idx_folder(folder: Path, split: str, image_size, num_classes=None, cla
         missing = f"{prefix}-images-idx3-ubyte[.gz]" if images_path is None else f"{prefix}-labels-idx1-ubyte[.gz]"
         raise MPDiTError(f"missing IDX file {missing} in {folder} (split '{split}' needs {expected})")
     images, labels = _read_idx_pair(images_path, labels_path)
-    if num_classes is None:
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
-        unused = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
-        if unused and split == "train":  # the train split defines the classes
-            raise MPDiTError(f"{labels_path} has labels up to {num_classes - 1} but no image of class {unused[0]} "
+    if num_classes is None:  # the train split defines the classes (this split's own labels if there is none)
+        train = _idx_labels(folder, "train")
+        train_path, train_labels = train or (labels_path, labels)
+        num_classes = int(train_labels.max()) + 1 if len(train_labels) else 0
+        unused = sorted(set(range(num_classes)) - set(np.unique(train_labels).tolist()))
+        if unused and train:
+            raise MPDiTError(f"{train_path} has labels up to {num_classes - 1} but no image of class {unused[0]} "
                              f"({len(unused)} of 0..{num_classes - 1} unused): the labels must be the classes 0..K-1")
-    elif len(labels) and labels.max() >= num_classes:
-        raise MPDiTError(f"{labels_path} holds label {int(labels.max())}, expected < {num_classes}")
+    for path, split_labels in filter(None, (_idx_labels(folder, other) for other in _IDX_PREFIX)):
+        if len(split_labels) and split_labels.max() >= num_classes:  # every split, so that a bad one stops a run early
+            raise MPDiTError(f"{path} holds label {int(split_labels.max())}, but the data has {num_classes} classes "
+                             f"(labels 0..{num_classes - 1}): fix the labels or the files")
     images = torch.from_numpy(images.copy()).unsqueeze(1)
     images = _fit_to_size(images, image_size)
     return ImageDataset(

@@ -30,7 +30,7 @@ import torch
 
 from mpdit.data.datasets import SPEC_LOADERS, class_folders, to_uint8
 from mpdit.errors import MPDiTError
-from mpdit.files import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors
+from mpdit.files import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors, strict_json
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 OFFICIAL_DIT_SCALE = 0.18215  # the SD VAE's scaling factor, used by the official DiT checkpoints
@@ -157,7 +157,7 @@ def encode_folder(src: str | Path, out: str | Path, *, vae: str = DEFAULT_VAE, r
             raise MPDiTError(f"{out} holds an encoding with another {changed[0]} ({old.get(changed[0])!r}, now "
                              f"{plan[changed[0]]!r}): use another --out or the same options")
     elif rank == 0:
-        atomic_write_text(plan_path, json.dumps(plan, indent=2))
+        atomic_write_text(plan_path, strict_json(plan, "the encoding plan", indent=2))
     todo = [k for k in range(rank, plan["num_shards"], world_size) if not (out / shard_name(k)).is_file()]
     if todo:
         vae_model = vae_model if vae_model is not None else load_vae(vae, device)
@@ -234,7 +234,7 @@ def finalize(out: str | Path) -> dict:
     channel_std = (second / pixels - channel_mean**2).clamp(min=1e-12).sqrt()
     meta = {**plan, "latent_shape": shape, "num_items": total, "num_images": total // (2 if plan["flip"] else 1),
             "skipped": skipped, "channel_mean": channel_mean.tolist(), "channel_std": channel_std.tolist()}
-    atomic_write_text(out / METADATA, json.dumps(meta, indent=2))
+    atomic_write_text(out / METADATA, strict_json(meta, "the latent statistics", indent=2))
     return meta
 
 
@@ -265,6 +265,9 @@ class LatentDataset:
         self.labels = torch.cat([s["labels"] for s in shards])
         self.class_names = list(self.meta["class_names"])
         self.num_classes = len(self.class_names)
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+            raise MPDiTError(f"latents:{self.path} hold labels {int(self.labels.min())}..{int(self.labels.max())}, but "
+                             f"{METADATA} names {self.num_classes} classes: encode the data again")
         self.channel_mean = torch.tensor(self.meta["channel_mean"], dtype=torch.float32)
         self.channel_std = torch.tensor(self.meta["channel_std"], dtype=torch.float32)
         self.source = f"latents:{self.path}"

@@ -60,13 +60,14 @@ def generate(model: MPDiT, labels: torch.Tensor, *, objective: Objective | None 
         bar = tqdm(total=total, desc=f"sample {len(labels)} images ({sampler} {steps} steps)", unit="step",
                    dynamic_ncols=True, smoothing=0)  # the average speed so far, as the training bar
     try:
-        for b, y in enumerate(batches):
-            y = y.to(device)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
-            shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
-            x = objective.sample(lambda x_in, t: guided(x_in, t, y, cfg_scale), shape, sampler=sampler, steps=steps,
-                                 generator=gen, device=device, progress=bar, time_shift=time_shift)
-            out.append(decode(x) if decode is not None else to_uint8(x.cpu()))
+        with model.reusing_weights():  # the weights do not change while sampling: normalized once
+            for b, y in enumerate(batches):
+                y = y.to(device)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
+                shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
+                x = objective.sample(lambda x_in, t: guided(x_in, t, y, cfg_scale), shape, sampler=sampler,
+                                     steps=steps, generator=gen, device=device, progress=bar, time_shift=time_shift)
+                out.append(decode(x) if decode is not None else to_uint8(x.cpu()))
     finally:
         if bar is not None:
             bar.close()

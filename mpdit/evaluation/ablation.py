@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ from pathlib import Path
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE
 from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig
-from mpdit.errors import MPDiTError, dataclass_from_dict
+from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.evaluation.evaluate import evaluate, evaluate_loss
 from mpdit.evaluation.transfer import loss_curves, plot_transfer, transfer_markdown
+from mpdit.files import read_json, read_json_lines, strict_json
 from mpdit.model.config import (MP_SWITCHES, ZERO_INIT, DiTConfig, attention_output_setting, parse_mp,
                                 width_overrides)
 from mpdit.model.dit import count_params
@@ -42,6 +44,27 @@ from mpdit.nn.modulation import conditioning_ops
 from mpdit.training.checkpoint import atomic_write_text, list_checkpoints
 from mpdit.training.train import (TrainConfig, Trainer, TrainingDiverged, family_optimizer, model_config_for_data,
                                   read_run_configs)
+
+# A row's name is the folder of its runs (OUT/runs/NAME/seed-S): one path component, of these characters only.
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@=+-]{0,99}")
+
+
+def check_row_name(name: str) -> None:
+    """MPDiTError unless ``name`` is a safe folder name (ROW_NAME): no separators, no '..', no NUL, not empty."""
+    if not ROW_NAME.fullmatch(name):
+        raise MPDiTError(f"grid row name {name!r} must be one folder name: 1 to 100 letters, digits and . _ @ = + - "
+                         "(first a letter or digit), e.g. dit-warmup@lr=0.003")
+
+
+def require_distinct_names(names: list[str]) -> None:
+    """MPDiTError naming two rows whose names are one folder on a case-insensitive file system (or equal)."""
+    seen = {}
+    for name in names:
+        if name.casefold() in seen:
+            raise MPDiTError(f"grid rows '{seen[name.casefold()]}' and '{name}' would share one folder (names are "
+                             "compared ignoring case, as some file systems do): give each row its own name")
+        seen[name.casefold()] = name
+
 
 @dataclass
 class Row:
@@ -68,6 +91,8 @@ class Row:
     precision: str | None = None  # fp32 or bf16 (autocast) for this row's training; None: the budget's
 
     def __post_init__(self):
+        require_field_types(self, "option")
+        check_row_name(self.name)
         conditioning_ops(self.conditioning)
         attention_output_setting(self.attention_output, parse_mp(self.mp))
         if self.seeds is not None and self.seeds < 1:
@@ -130,11 +155,9 @@ def load_grid(path: str | Path) -> tuple[list[Row], dict]:
     {"budget": {Budget's fields}, "rows": [...], "comment": "..."} (OUT/grid.json is written in that form)."""
     path = Path(path)
     try:
-        items = json.loads(path.read_text())
+        items = read_json(path, "grid file")
     except FileNotFoundError:
         raise MPDiTError(f"no grid file at {path}") from None
-    except json.JSONDecodeError as error:
-        raise MPDiTError(f"grid file {path} is not valid JSON ({error})") from None
     budget = {}
     if isinstance(items, dict):
         unknown = sorted(set(items) - {"budget", "rows", "comment"})
@@ -191,6 +214,7 @@ class Budget:
     compile: bool = False  # torch.compile training and sampling; off: short runs and many evaluations don't repay it
 
     def __post_init__(self):
+        require_field_types(self, "budget option")
         self.cfg_scales = tuple(float(g) for g in self.cfg_scales)
         self.eval_steps = tuple(int(s) for s in self.eval_steps)
         if self.steps < 1 or not self.cfg_scales or min(self.cfg_scales) < 0:
@@ -257,7 +281,7 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget, sa
     result = evaluate(checkpoint, num=budget.eval_num, sampler=sampler, steps=budget.sample_steps,
                       cfg_scale=cfg_scale, seed=seed, device=budget.device, baseline=False, progress=False,
                       classifier=budget.classifier, compile_model=budget.compile)
-    atomic_write_text(path, json.dumps(result, indent=2))
+    atomic_write_text(path, strict_json(result, f"the evaluation {path}", indent=2))
     return result
 
 
@@ -270,7 +294,7 @@ def validation(checkpoint: Path, seed: int, budget: Budget) -> float:
         if result["protocol"]["validation_loss"]["seed"] == seed:
             return result["metrics"]["val_loss"]
     result = evaluate_loss(checkpoint, seed=seed, device=budget.device)
-    atomic_write_text(path, json.dumps(result, indent=2))
+    atomic_write_text(path, strict_json(result, "the validation loss", indent=2))
     return result["metrics"]["val_loss"]
 
 
@@ -296,7 +320,7 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
     """One result record per evaluated step and guidance scale of a trained run, as finished_run gives them, also
     written to RUN/records.json. A run that diverged at step `diverged_at` is evaluated at the steps it reached."""
     model_cfg, train_cfg = read_run_configs(folder)
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    log = read_json_lines(folder / "log.jsonl", "training log")
     rates = [entry["images_per_s"] for entry in log[1:]] or [log[-1]["images_per_s"]]
     checkpoints = dict(list_checkpoints(folder))
     steps = budget.evaluated_steps if diverged_at is None else [s for s in budget.evaluated_steps if s in checkpoints]
@@ -321,7 +345,7 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
     run = {"protocol": records_protocol(budget, sampler), "records": records}
     if diverged_at is not None:
         run["diverged"] = {"step": diverged_at}
-    atomic_write_text(folder / "records.json", json.dumps(run, indent=1))
+    atomic_write_text(folder / "records.json", strict_json(run, f"the records of {folder}", indent=1))
     return run
 
 
@@ -506,15 +530,14 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
     Returns the final step's lines at each row's best guidance."""
     out = Path(out)
     names = [row.name for row in rows]
-    if len(set(names)) != len(names):
-        raise MPDiTError("grid rows need distinct names")
+    require_distinct_names(names)
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise MPDiTError(f"no grid row is named {', '.join(unknown)}: the rows are {', '.join(names)}")
     samplers = {row.name: row.eval_sampler(budget) for row in rows}  # checked before anything runs
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(json.dumps({"budget": dataclasses.asdict(budget),
-                                               "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    (out / "grid.json").write_text(strict_json({"budget": dataclasses.asdict(budget),
+                                                 "rows": [dataclasses.asdict(r) for r in rows]}, "the grid", indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
     runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
     finished = {}

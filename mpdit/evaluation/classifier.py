@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mpdit.data import ImageDataset, center_crop_or_pad, load_dataset, to_model_space
 from mpdit.errors import MPDiTError
+from mpdit.files import strict_json
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PACKAGED_WEIGHTS = WEIGHTS_DIR / "mnist_classifier.safetensors"
@@ -237,9 +238,9 @@ def save_classifier(model: SmallCNN, out, recipe: dict, name: str = "classifier"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # a single metadata key: safetensors writes several keys in random order (files would differ)
     header = {"format": FORMAT, "architecture": "SmallCNN", "config": model.config}
-    metadata = {"mpdit": json.dumps(header, sort_keys=True)}
+    metadata = {"mpdit": strict_json(header, "the classifier header", sort_keys=True)}
     save_file(state, str(weights_path), metadata=metadata)
-    json_path.write_text(json.dumps(recipe, indent=2) + "\n")
+    json_path.write_text(strict_json(recipe, "the classifier recipe", indent=2) + "\n")
     return weights_path, json_path
 
 

@@ -1,10 +1,10 @@
 """Plots of training runs (matplotlib, PNG): loss, metric at checkpoints, and per-block magnitudes."""
 
-import json
 import math
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
+from mpdit.files import read_json, read_json_lines
 from mpdit.training.checkpoint import checkpoint_step
 
 
@@ -15,12 +15,12 @@ def read_run(run_dir: str | Path) -> dict:
     log_path = run_dir / "log.jsonl"
     if not log_path.is_file():
         raise MPDiTError(f"{run_dir} has no log.jsonl: pass training run folders")
-    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    log = read_json_lines(log_path, "training log")
     evals = []
     final_step = log[-1]["step"] if log else 0
     for path in [run_dir / "eval.json", *sorted(run_dir.glob("checkpoints/step-*/eval*.json"))]:
         if path.is_file():
-            result = json.loads(path.read_text())
+            result = read_json(path, "evaluation")
             evals.append({"step": evaluated_step(result, default=final_step), **result["metrics"]})
     best: dict[int, dict] = {}
     for e in evals:

@@ -3,7 +3,7 @@
 import dataclasses
 from dataclasses import dataclass, field
 
-from mpdit.errors import MPDiTError, dataclass_from_dict
+from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.nn.modulation import conditioning_ops
 
 # The eight switches of the paper's ablation (DESIGN.md section 1), each changing only its own piece.
@@ -83,6 +83,9 @@ SIZES = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
+# The keys a saved config.json must name: left to their defaults, they would build a model of another shape.
+SAVED_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+              "learn_sigma", "mp", "conditioning")
 MODELS = [f"DiT-{size}/{patch}" for size in SIZES for patch in PATCH_SIZES]
 
 
@@ -121,6 +124,7 @@ class DiTConfig:
     name: str = field(default="custom")
 
     def __post_init__(self):
+        require_field_types(self, "model config key")
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
                      "num_timesteps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -130,6 +134,10 @@ class DiTConfig:
         if self.input_size % self.patch_size:
             raise MPDiTError(f"patch size {self.patch_size} does not divide input size {self.input_size}: "
                              "pick a patch size that divides it or pad the input")
+        if self.has("mp_pos_embed") and self.input_size == self.patch_size:
+            raise MPDiTError(f"input size {self.input_size} with patch size {self.patch_size} is a single patch, and "
+                             "mp_pos_embed removes each channel's mean over the positions, which leaves zeros (NaN once "
+                             "normalized) at a single one: use a smaller patch, a larger input, or mp without mp_pos_embed")
         if self.hidden_size % self.num_heads:
             raise MPDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
         if "rotation" in conditioning_ops(self.conditioning) and self.hidden_size % 2:
@@ -168,6 +176,16 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "DiTConfig":
         return dataclass_from_dict(cls, values, "model config key")
+
+    @classmethod
+    def from_saved(cls, values: dict, source: str) -> "DiTConfig":
+        """from_dict for the config.json of a checkpoint, run or export (``source``), which must name every key of
+        SAVED_KEYS: a one-line error names the first one it lacks."""
+        missing = [key for key in SAVED_KEYS if isinstance(values, dict) and key not in values]
+        if missing:
+            raise MPDiTError(f"model config {source} lacks the key '{missing[0]}' (a saved config names each of "
+                             f"{', '.join(SAVED_KEYS)})")
+        return cls.from_dict(values)
 
     @classmethod
     def from_preset(cls, model: str, **overrides) -> "DiTConfig":

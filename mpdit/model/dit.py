@@ -5,8 +5,10 @@ With mp=() and conditioning='adaln-zero' this is DiT layer for layer and initial
 with mp='all' and conditioning='scale-rotation-gate' it is the paper's MP model with rotation modulation.
 """
 
-import json
+import contextlib
+import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from mpdit.nn.primitives import (
     sincos_pos_embed_2d,
     timestep_sinusoidal,
 )
-from mpdit.files import load_safetensors
+from mpdit.files import load_safetensors, read_json
 
 
 def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
@@ -397,6 +399,11 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
+    def reusing_weights(self):
+        """A context in which eval-mode no-grad forwards compute the normalized weights once (WeightNormBank's
+        reusing_weights): for a loop that does not change the weights, such as sampling."""
+        return self.weight_norm.reusing_weights() if self.weight_norm is not None else contextlib.nullcontext()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, t, y)
         if self.weight_norm is not None:  # every layer's normalized weight, computed together
@@ -438,6 +445,46 @@ def count_params(config: DiTConfig) -> int:
         return MPDiT(config).num_params()
 
 
+def estimated_params(config: DiTConfig) -> int:
+    """count_params(config) without building the model (a hidden size or depth of 1e9 cannot be built, even on the
+    meta device: the position table is computed): small models of the same kind are counted on the meta device
+    (hidden sizes u, 2u, 3u, each at depth 1 and 2, on a 2x2 patch grid) and extrapolated, quadratically along the
+    hidden size, linearly along the depth and the position table's tokens. Exact unless hidden * mlp_ratio rounds."""
+    unit = 4 * config.num_heads  # divisible by the heads, even (rotations), a multiple of 4 (2-D sin-cos table)
+    small = [[count_params(dataclasses.replace(config, hidden_size=k * unit, depth=depth,
+                                               input_size=2 * config.patch_size)) for depth in (1, 2)]
+             for k in (1, 2, 3)]
+
+    def along_hidden(values: list[int]) -> float:  # the quadratic through (k, values[k - 1]), k = 1..3, at the size
+        k = config.hidden_size / unit
+        return (values[0] * (k - 2) * (k - 3) / 2 - values[1] * (k - 1) * (k - 3) + values[2] * (k - 1) * (k - 2) / 2)
+
+    first, second = along_hidden([c[0] for c in small]), along_hidden([c[1] for c in small])
+    tokens = (config.input_size // config.patch_size) ** 2
+    return round(first + (config.depth - 1) * (second - first) + (tokens - 4) * config.hidden_size)
+
+
+def device_memory(device: torch.device | str) -> int:
+    """Bytes of memory of ``device``: a GPU's total, or the machine's physical memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def require_memory(config: DiTConfig, device: torch.device | str, bytes_per_param: int, what: str) -> None:
+    """A one-line MPDiTError with the estimate when ``bytes_per_param`` bytes for each parameter (estimated_params) do
+    not fit the memory of ``device``: checked before anything is allocated, so an absurd size (a config's hidden size
+    or depth of 1e9) is refused rather than exhausting the machine."""
+    params = estimated_params(config)
+    need, have = params * bytes_per_param, device_memory(device)
+    if need > have:
+        raise MPDiTError(f"model config {config.name} (hidden size {config.hidden_size:,}, depth {config.depth:,}, "
+                         f"{config.input_size}x{config.input_size} input): about {params:,} parameters need "
+                         f"{need / 2**30:,.1f} GiB for {what}, more than the {have / 2**30:,.1f} GiB of "
+                         f"{torch.device(device)}: choose a smaller model")
+
+
 def compile_default(compile_model: bool | None, device: torch.device) -> bool:
     """Whether to torch.compile: as asked, else on CUDA (where an eager step is bound by kernel launches) and not on
     CPU (compiling takes minutes there for a gain of about 1.2x, docs/performance.md)."""
@@ -455,10 +502,9 @@ def load_model(path: str | Path, weights: str = "model.safetensors", device: str
     config_path = path / "config.json"
     if not config_path.is_file():
         raise MPDiTError(f"no model config at {config_path}: pass a checkpoint folder holding config.json")
-    try:
-        config = DiTConfig.from_dict(json.loads(config_path.read_text()))
-    except json.JSONDecodeError as error:
-        raise MPDiTError(f"model config {config_path} is not valid JSON ({error})") from None
+    config = DiTConfig.from_saved(read_json(config_path, "model config"), str(config_path))
+    for where in {torch.device("cpu"), torch.device(device)}:  # built on the CPU, then moved
+        require_memory(config, where, 4, "its float32 weights")
     model = MPDiT(config)
     load_state_dict_checked(model, load_safetensors(path / weights, device), str(path / weights))
     return model.to(device)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
+from mpdit.files import strict_json
 from mpdit.model.dit import MPDiT
 
 INFO_FILE = "mpdit.json"
@@ -50,10 +51,10 @@ def save_pretrained(model: MPDiT, path: str | Path, *, train_config: dict | None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     info = {"objective": objective, "train_config": train_config, "metrics": metrics, "latents": latents}
-    (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+    (path / INFO_FILE).write_text(strict_json(info, "the model info", indent=2))
     if scheduler is not None:
         (path / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
-        (path / SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2))
+        (path / SCHEDULER_CONFIG).write_text(strict_json(scheduler, "the scheduler config", indent=2))
     model_card(model, info).save(path / "README.md")
     model.save_pretrained(path)  # keeps our README.md
     return path

@@ -4,6 +4,7 @@ Magnitude M[x] = sqrt(mean(x^2)) over the feature axis. Each primitive keeps M a
 for unit-magnitude input, with no normalization layer on the activations.
 """
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -259,8 +260,9 @@ class WeightNormBank(nn.Module):
 
     prepare() (at the start of the model's forward): in training, forced normalization of every forced
     weight; then each layer's normalized weight, handed to it in `current_weight` (views of one tensor per
-    group, in the autocast dtype). In eval mode under no_grad the weights are reused until a parameter
-    changes (in place, or replaced). release() (at the end) drops the handed-out weights.
+    group, in the autocast dtype). They are computed from the parameters at every forward, except inside
+    reusing_weights() (a sampling loop), where eval-mode no-grad forwards compute them once. release() (at the end)
+    drops the handed-out weights.
     `stack`: True stacks each group, False treats each layer alone (the same formulas; MPDiT.stacking says when).
     `spans`: lists of consecutive layers of one group that a stacked forward uses only together, as one matrix
     (span()); each is one piece of its group's split, so the backward gets no zero gradients for its layers'
@@ -292,7 +294,22 @@ class WeightNormBank(nn.Module):
             self.register_buffer(f"gain_index{i}", torch.cat(index)[:, None], persistent=False)
         self.register_buffer("one", torch.ones(1), persistent=False)
         self.pieces = tuple(self.split_plan(group, spans) for group in self.groups)  # per group: layer runs
-        self._cache, self.spans = None, {}
+        self._cache, self.spans, self.reuse = None, {}, False
+
+    @contextlib.contextmanager
+    def reusing_weights(self):
+        """Within: eval-mode, no-grad forwards compute the normalized weights once and reuse them, for as long as no
+        parameter is replaced or written through autograd (its version). The caller promises that the weights do
+        not change otherwise inside (a `.data` write is invisible to versions): a sampling loop. Outside, every
+        forward computes them from the parameters as they are, so no way of changing the weights (`.data` writes,
+        load_state_dict, an optimizer step, train()/eval()) can leave a stale copy; the copy is dropped on exit."""
+        previous, self.reuse = self.reuse, True
+        try:
+            yield
+        finally:
+            self.reuse = previous
+            if not previous:
+                self._cache = None
 
     @staticmethod
     def split_plan(group: tuple, spans) -> tuple[tuple, ...]:
@@ -327,7 +344,7 @@ class WeightNormBank(nn.Module):
                     forced[group] = force_normalize_([layer.weight for layer in group], scale)
                 else:
                     forced.update((layer, force_normalize_([layer.weight], scale)) for layer in group)
-        cacheable = not (training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        cacheable = self.reuse and not (training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         key = (stack, self._version(dtype))
         if cacheable and self._cache is not None and self._cache[0] == key:
             self.spans, weights = self._cache[1]

@@ -12,7 +12,6 @@ final name; leftovers named ``*.tmp-*`` are ignored by the listing functions.
 """
 
 import dataclasses
-import json
 import os
 import random
 import re
@@ -35,6 +34,7 @@ from mpdit.files import (  # noqa: F401
     atomic_write_text,
     load_safetensors,
     load_torch,
+    read_json,
     read_safetensors_metadata,
     save_safetensors,
     save_torch,
@@ -104,12 +104,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` (>= 1) checkpoints; returns the deleted paths."""
+    """Delete all but the newest ``keep`` (>= 1) checkpoints; returns the deleted paths. A checkpoint that is a
+    symbolic link (to a folder elsewhere) loses only its link: the folder it points to is not the run's to delete."""
     if int(keep) != keep or keep < 1:
         raise MPDiTError(f"keep must be a positive integer (number of newest checkpoints to keep), got {keep!r}")
     doomed = [p for _step, p in list_checkpoints(run_dir)[: -int(keep)]]
     for p in doomed:
-        shutil.rmtree(p)
+        if p.is_symlink():
+            p.unlink()
+        else:
+            shutil.rmtree(p)
     return doomed
 
 
@@ -145,13 +149,13 @@ def objective_config(checkpoint: Path) -> ObjectiveConfig:
     """The objective a checkpoint was trained with: its objective.json, else its run's train_config.json, else an
     exported folder's mpdit.json; DDPM for a checkpoint that records none (every run before objectives existed)."""
     if (checkpoint / OBJECTIVE_FILE).is_file():
-        return ObjectiveConfig.from_dict(read_json(checkpoint / OBJECTIVE_FILE))
+        return ObjectiveConfig.from_dict(read_json_object(checkpoint / OBJECTIVE_FILE, "the objective"))
     train_config = run_train_config(checkpoint)
     if train_config:
         names = [field.name for field in dataclasses.fields(ObjectiveConfig)]
         return ObjectiveConfig.from_dict({key: train_config[key] for key in names if key in train_config})
     if (checkpoint / INFO_FILE).is_file():
-        return ObjectiveConfig.from_dict(read_json(checkpoint / INFO_FILE).get("objective") or {})
+        return ObjectiveConfig.from_dict(read_json_object(checkpoint / INFO_FILE, "the model info").get("objective") or {})
     return ObjectiveConfig()
 
 
@@ -160,7 +164,7 @@ def run_train_config(checkpoint: Path) -> dict:
     folder or the two above it), or {} for a folder that is not part of a run."""
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         if (folder / TRAIN_CONFIG).is_file():
-            return read_json(folder / TRAIN_CONFIG)
+            return read_json_object(folder / TRAIN_CONFIG, "the training config")
     return {}
 
 
@@ -172,14 +176,11 @@ def checkpoint_objective(checkpoint: Path, model: MPDiT) -> Objective:
         raise MPDiTError(f"{checkpoint}: {error}") from None
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or a one-line error naming the file."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MPDiTError(f"cannot read {path} ({error})") from None
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object of a file (mpdit.files.read_json), or a one-line error naming the file."""
+    value = read_json(path, what)
     if not isinstance(value, dict):
-        raise MPDiTError(f"{path} does not hold a JSON object")
+        raise MPDiTError(f"{what} {path} does not hold a JSON object")
     return value
 
 

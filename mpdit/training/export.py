@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mpdit.data.latents import read_metadata
 from mpdit.model.hub import save_pretrained
-from mpdit.training.checkpoint import (checkpoint_objective, load_checkpoint_model, run_data_spec, read_json,
+from mpdit.training.checkpoint import (checkpoint_objective, load_checkpoint_model, read_json_object, run_data_spec,
                                        run_train_config)
 
 
@@ -15,7 +15,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "auto") 
     model, checkpoint, weights = load_checkpoint_model(ckpt, weights)
     objective = checkpoint_objective(checkpoint, model)
     train_config = run_train_config(checkpoint) or None
-    metrics = {name: read_json(checkpoint / f"{name}.json")["metrics"]
+    metrics = {name: read_json_object(checkpoint / f"{name}.json", "the metrics")["metrics"]
                for name in ("fid10k", "fid50k", "eval") if (checkpoint / f"{name}.json").is_file()}
     data = run_data_spec(checkpoint)
     latents = None

@@ -13,8 +13,6 @@ Per noise level: the same with every example's time drawn uniformly within one o
 objective's time (DDPM: steps; flow: t), which shows where along the noise levels the gradient is noisy.
 """
 
-import math
-
 import torch
 
 from mpdit.diffusion.objectives import Objective
@@ -37,7 +35,8 @@ class GradientMoments:
         self.count += 1
 
     def noise_scale(self, batch_size: int) -> dict:
-        """{"b_simple", "trace_sigma", "grad_norm_sq", "grad_norm_sq_biased"} from the K >= 2 gradients added."""
+        """{"b_simple", "trace_sigma", "grad_norm_sq", "grad_norm_sq_biased"} from the K >= 2 gradients added;
+        b_simple is None where the unbiased |G|^2 is not positive (the mean gradient is lost in the noise at this K)."""
         k = self.count
         if k < 2:
             raise MPDiTError(f"the gradient noise scale needs at least 2 batches, got {k}")
@@ -46,7 +45,7 @@ class GradientMoments:
         trace_sigma = batch_size * variance.sum().item()
         biased = mean.square().sum().item()
         norm_sq = biased - trace_sigma / (batch_size * k)
-        return {"b_simple": trace_sigma / norm_sq if norm_sq > 0 else math.inf, "trace_sigma": trace_sigma,
+        return {"b_simple": trace_sigma / norm_sq if norm_sq > 0 else None, "trace_sigma": trace_sigma,
                 "grad_norm_sq": norm_sq, "grad_norm_sq_biased": biased}
 
 

@@ -149,7 +149,7 @@ def trim_log(run_dir: str | os.PathLike, step: int) -> None:
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         return
-    text = path.read_text()
+    text = path.read_bytes().decode("utf-8", errors="replace")  # bytes torn or foreign: their lines are dropped
     kept = []
     for line in text.splitlines():
         try:

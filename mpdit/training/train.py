@@ -19,13 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mpdit.data.datasets import ImageDataset, load_dataset, split_holdout
 from mpdit.diffusion.objectives import OBJECTIVE_FILE, Objective, ObjectiveConfig, fit_objective
-from mpdit.errors import MPDiTError, dataclass_from_dict
-from mpdit.files import remove_path
+from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
+from mpdit.files import read_json, remove_path, strict_json
 from mpdit.model.config import DiTConfig
-from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked
+from mpdit.model.dit import MPDiT, compile_default, load_state_dict_checked, require_memory
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import SNAPSHOTS, ClassicEMA, PowerFunctionEMA, save_snapshot, snapshot_path
 from mpdit.training.guard import DivergenceGuard, json_safe, require_finite
+from mpdit.training.preemption import Preempted, StopSignals
 from mpdit.training.rundir import RunLock, remove_leftovers, trim_log
 from mpdit.training.schedules import make_schedule, set_lr
 from mpdit.training.telemetry import Telemetry
@@ -79,6 +80,7 @@ class TrainConfig:
     val_every: int = 0  # > 0: log the validation loss (mpdit.training.validation) of the raw weights every N steps
 
     def __post_init__(self):
+        require_field_types(self, "training option")
         self.betas = tuple(self.betas)
         self.ema_sigma_rels = tuple(self.ema_sigma_rels)
         if self.precision not in ("fp32", "bf16"):
@@ -112,6 +114,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         return dataclass_from_dict(cls, values, "training option")
+
+
+def training_bytes_per_param(cfg: TrainConfig) -> int:
+    """float32 bytes each parameter takes in training: weight, gradient, Adam's two moments, and one copy per EMA."""
+    return 4 * (4 + bool(cfg.ema_decay) + len(cfg.ema_sigma_rels))
 
 
 def family_optimizer(model_cfg: DiTConfig) -> dict:
@@ -230,6 +237,8 @@ class Trainer:
         if cfg.holdout:
             self.data = split_holdout(self.data, cfg.holdout)[0]
         self.check_data_fits_model()
+        require_memory(model_cfg, self.dist.device, training_bytes_per_param(cfg),
+                       "training (weights, gradients, Adam's moments and the EMAs; activations not counted)")
         self.model = MPDiT(model_cfg).to(self.dist.device)
         self.objective = fit_objective(cfg.objective_config(), model_cfg, self.data)
         cfg.sigma_data = self.objective.config.sigma_data  # measured from the data where the objective needs it
@@ -240,6 +249,7 @@ class Trainer:
         self.power_ema = PowerFunctionEMA(self.model, cfg.ema_sigma_rels) if cfg.ema_sigma_rels else None
         self.step = 0
         self.guard = DivergenceGuard(self.dist.device)
+        self.resumed_at_stop = False  # resumed from the checkpoint of a run stopped by a signal (no snapshot there)
         if resume:
             self.load_latest(from_step)
         self.ddp = DistributedDataParallel(self.model) if self.dist.world_size > 1 else None
@@ -267,8 +277,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(self.run_dir / ckpt.CONFIG_FILE, json.dumps(self.model_cfg.to_dict(), indent=2))
-        ckpt.atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        ckpt.atomic_write_text(self.run_dir / ckpt.CONFIG_FILE, strict_json(self.model_cfg.to_dict(), "the model config", indent=2))
+        ckpt.atomic_write_text(self.run_dir / TRAIN_CONFIG, strict_json(dataclasses.asdict(self.cfg), "the training config",
+                                                                       indent=2))
 
     def check_ranks_in_sync(self) -> None:
         """Raise if the ranks' parameters differ (a checksum compared across processes)."""
@@ -296,8 +307,9 @@ class Trainer:
         require_finite(tensors, f"the {what} of step {self.step}",
                        f"; the training diverged: the newest checkpoint is {last}" if last else "")
 
-    def save_checkpoint(self) -> Path | None:
-        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones.
+    def save_checkpoint(self, stopped: bool = False) -> Path | None:
+        """Atomically write RUN_DIR/checkpoints/step-NNNNNNN (rank 0 only) and prune old ones. ``stopped``: the
+        checkpoint of a run stopped by a signal (``stop_for_signal``), off the run's schedule.
 
         A state with non-finite tensors is refused before anything is written (so pruning never removes the
         last finite checkpoint)."""
@@ -306,7 +318,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         with self.reporting_write_errors(ckpt.checkpoint_dir(self.run_dir, self.step)):
-            self.write_checkpoint()
+            self.write_checkpoint(stopped)
         if self.cfg.keep_checkpoints:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return ckpt.checkpoint_dir(self.run_dir, self.step)
@@ -323,13 +335,14 @@ class Trainer:
                              + (f"the newest intact checkpoint is {last}" if last else "no checkpoint was written yet")
                              + f": free space or fix the folder, then --resume {self.run_dir}") from None
 
-    def write_checkpoint(self) -> None:
+    def write_checkpoint(self, stopped: bool = False) -> None:
         """The files of RUN_DIR/checkpoints/step-NNNNNNN (built in a temp folder, renamed in whole), then the
-        step's power-EMA snapshots when they go with checkpoints."""
+        step's power-EMA snapshots when they go with checkpoints, except at a ``stopped`` checkpoint (a run that
+        was never stopped has no snapshot there, and post-hoc EMA must not depend on when a run was stopped)."""
         with ckpt.atomic_directory(ckpt.checkpoint_dir(self.run_dir, self.step)) as tmp:
             ckpt.save_safetensors(tmp / ckpt.MODEL_FILE, self.model.state_dict())
-            (tmp / ckpt.CONFIG_FILE).write_text(json.dumps(self.model_cfg.to_dict(), indent=2))
-            (tmp / OBJECTIVE_FILE).write_text(json.dumps(self.objective.config.to_dict(), indent=2))
+            (tmp / ckpt.CONFIG_FILE).write_text(strict_json(self.model_cfg.to_dict(), "the model config", indent=2))
+            (tmp / OBJECTIVE_FILE).write_text(strict_json(self.objective.config.to_dict(), "the objective", indent=2))
             if self.ema:
                 ckpt.save_safetensors(tmp / "ema.safetensors", self.ema.state_dict())
             if self.power_ema:
@@ -342,8 +355,9 @@ class Trainer:
                 "power_ema_updates": self.power_ema.num_updates if self.power_ema else 0,
                 "rng": ckpt.capture_rng_state(),
                 "skipped_steps": self.guard.counts()[1],
+                "stopped_by_signal": stopped,
             })
-        if self.power_ema and self.step > 0 and not self.cfg.snapshot_every:
+        if self.power_ema and self.step > 0 and not self.cfg.snapshot_every and not stopped:
             save_snapshot(self.run_dir, self.step, self.power_ema)
 
     def load_latest(self, from_step: int | None = None) -> None:
@@ -384,6 +398,7 @@ class Trainer:
         ckpt.restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.guard = DivergenceGuard(device, skipped=int(state.get("skipped_steps", 0)))
+        self.resumed_at_stop = bool(state.get("stopped_by_signal", False))
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -463,7 +478,8 @@ class Trainer:
                 remove_path(aside)
                 os.replace(path, aside)
                 print(f"set aside {path} (after the resumed step {self.step}) as {aside.name}")
-        if self.power_ema and self.step > 0 and self.step % (self.cfg.snapshot_every or self.step) == 0:
+        if self.power_ema and self.step > 0 and (self.step % self.cfg.snapshot_every == 0 if self.cfg.snapshot_every
+                                                 else not self.resumed_at_stop):
             if not all(snapshot_path(self.run_dir, self.step, s).is_file() for s in self.power_ema.sigma_rels):
                 save_snapshot(self.run_dir, self.step, self.power_ema)
         if self.step == 0 and not found:
@@ -481,6 +497,13 @@ class Trainer:
                 + (f"the newest checkpoint is {last}. " if last else "") + "Train again with a lower --lr",
                 step=self.step)
 
+    def stop_for_signal(self, received: str | None, checkpointed: bool) -> None:
+        """Raise Preempted after writing this step's checkpoint (unless the loop has just written it)."""
+        if not checkpointed:
+            self.save_checkpoint(stopped=True)
+        raise Preempted(f"stopped by {received or 'a signal to another rank'} after step {self.step:,}: checkpoint "
+                        f"{ckpt.checkpoint_dir(self.run_dir, self.step)}", f"mpdit train --resume {self.run_dir}")
+
     def _train(self, sample_grid) -> Path | None:
         cfg, main = self.cfg, self.dist.is_main
         self.write_run_files()
@@ -493,6 +516,7 @@ class Trainer:
                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]")
         last_time, last_step, start_step = time.perf_counter(), self.step, self.step
         start_time = last_time
+        stop = StopSignals(self.dist.world_size, self.dist.device).install()
         try:
             while self.step < cfg.steps:
                 record = bool(cfg.telemetry_every) and (self.step + 1) % cfg.telemetry_every == 0
@@ -541,7 +565,10 @@ class Trainer:
                     self.save_checkpoint()
                 if main and sample_grid is not None and (due(cfg.sample_every) or self.step == cfg.steps):
                     sample_grid(self)
+                if self.step < cfg.steps and stop.agreed():
+                    self.stop_for_signal(stop.received, checkpointed=due(cfg.ckpt_every))
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if log is not None:
@@ -554,10 +581,9 @@ class Trainer:
 def read_run_configs(run_dir: Path) -> tuple[DiTConfig, TrainConfig]:
     """The model and training configs a run wrote at its start."""
     try:
-        model_cfg = DiTConfig.from_dict(json.loads((run_dir / ckpt.CONFIG_FILE).read_text()))
-        train_cfg = TrainConfig.from_dict(json.loads((run_dir / TRAIN_CONFIG).read_text()))
+        model_cfg = DiTConfig.from_saved(read_json(run_dir / ckpt.CONFIG_FILE, "model config"),
+                                         str(run_dir / ckpt.CONFIG_FILE))
+        train_cfg = TrainConfig.from_dict(read_json(run_dir / TRAIN_CONFIG, "training config"))
     except FileNotFoundError as error:
         raise MPDiTError(f"{run_dir} is not a training run: missing {Path(error.filename).name}") from None
-    except json.JSONDecodeError as error:
-        raise MPDiTError(f"{run_dir}: config file is not valid JSON ({error})") from None
     return model_cfg, train_cfg
