@@ -3,6 +3,7 @@ row with its expected exit status and a fragment of its message; the test assert
 a non-zero exit and no file changed in the run, the data or the test's folder. Then the cases that need more than a
 command line (a metric that turns NaN, the Python API)."""
 
+import argparse
 import hashlib
 import json
 import math
@@ -16,6 +17,8 @@ from mpdit.cli.main import main
 from mpdit.errors import MPDiTError, nonfinite_number
 from mpdit.files import read_json, strict_json
 from mpdit.model.config import DiTConfig
+from mpdit.model.convert import to_official
+from mpdit.model.dit import build_model
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.train import TrainConfig, Trainer
 from conftest import write_idx
@@ -60,6 +63,9 @@ def files(tmp_path_factory, run):
     model_only = folder / "model-only"
     model_only.mkdir()
     (model_only / "config.json").write_text(json.dumps(config))
+    official = to_official(build_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=9).state_dict())
+    torch.save({"ema": official, "args": argparse.Namespace(model="DiT-Nano/2")}, folder / "pickled.pt")
+    torch.save(official, folder / "no-null.pt")  # 10 label rows, read with --dit-num-classes 10: no null class
     labels = folder / "bad-test-labels"
     labels.mkdir()
     rng = np.random.default_rng(0)
@@ -94,6 +100,13 @@ CASES = [
     ("train --data idx:{files}/bad-test-labels --steps 1 --out {out}/r", 2,
      "t10k-labels-idx1-ubyte.gz holds label 255, but the data has 10 classes"),
     ("train --data {data} --model DiT-Nano/4 --image-size 4 --steps 1 --out {out}/r", 2, "is a single patch"),
+    # item 5: messages that say what is true
+    ("train --resume {run} --steps 1", 2, "--steps 1 is below step 2, where"),
+    ("sample --dit-checkpoint {files}/pickled.pt --out {out}/x.png", 2,
+     "holds pickled Python objects (argparse.Namespace) that safe loading refuses: mpdit never unpickles"),
+    ("sample --dit-checkpoint {files}/pickled.pt --ckpt {run} --out {out}/x.png", 2, "not both"),
+    ("sample --dit-checkpoint {files}/no-null.pt --dit-num-classes 10 --cfg-scale 4 --out {out}/x.png", 2,
+     "has no null class (it was trained without label dropout), so classifier-free guidance cannot work"),
     # item 2: nothing outside --out, nothing overwritten that the user did not name
     ("ablate --grid {files}/up.json --out {out}/g", 2, "grid row name '../../escaped' must be one folder name"),
     ("ablate --grid {files}/absolute.json --out {out}/g", 2, "grid row name '/tmp/escaped' must be one folder"),

@@ -18,17 +18,29 @@ from mpdit.training.checkpoint import load_checkpoint_model, run_data_spec
 def load_sampling_model(args, device: str):
     """(model, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215) or --ckpt
     (with the VAE decoder of its latents:PATH data, if any; --vae overrides the VAE)."""
+    if args.dit_checkpoint and args.ckpt:
+        raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt), not both")
     if args.dit_checkpoint:
         model = load_official_checkpoint(args.dit_checkpoint, device, args.dit_num_classes)
+        require_guidance_fits(model, args.cfg_scale, args.dit_checkpoint)
         decode = LatentDecoder.official(args.vae or DEFAULT_VAE, device)
         return model, decode, {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
     if not args.ckpt:
         raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt)")
     model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
+    require_guidance_fits(model, args.cfg_scale, checkpoint)
     data = run_data_spec(checkpoint, getattr(args, "data", None))
     decode = LatentDecoder.for_data(data, args.vae, device)
     source = {"checkpoint": str(checkpoint), "weights": weights}
     return model, decode, source | ({"vae": decode.name} if decode else {})
+
+
+def require_guidance_fits(model, cfg_scale: float, source) -> None:
+    """MPDiTError for a guidance scale other than 1 with a model that has no null class (trained without label
+    dropout, or an official DiT read with --dit-num-classes K from a table of K rows): guidance would be off."""
+    if cfg_scale != 1 and model.config.class_dropout_prob == 0:
+        raise MPDiTError(f"{source} has no null class (it was trained without label dropout), so classifier-free "
+                         f"guidance cannot work: pass --cfg-scale 1 (not {cfg_scale:g})")
 
 
 def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> torch.Tensor:

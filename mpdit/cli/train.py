@@ -150,6 +150,10 @@ def run(args) -> int:
         if not list_checkpoints(run_dir):
             raise MPDiTError(f"{run_dir} has no checkpoint to resume from (the run stopped before its first one): "
                              f"start it again with --out {run_dir}")
+        at = args.from_step if args.from_step is not None else list_checkpoints(run_dir)[-1][0]
+        if args.steps is not None and args.steps < at:
+            raise MPDiTError(f"--steps {args.steps} is below step {at:,}, where {run_dir} is: a run only goes forward "
+                             f"(give --steps {at} or more, or --from-step N to resume an earlier checkpoint)")
         train_cfg = TrainConfig.from_dict({**dataclasses.asdict(train_cfg), **resume_overrides(args)})
         trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True, from_step=args.from_step)
     else:
@@ -232,8 +236,10 @@ def add_training_options(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-bad-steps", type=int, default=10,
-                        help="stop when this many steps in a row had a non-finite loss or gradient (they are "
-                             "skipped; default 10)")
+                        help="stop when this many steps in a row had a non-finite loss or gradient (default 10): "
+                             "such steps are skipped (the EMAs still count them, averaging the unchanged weights); "
+                             "the count is read at log, checkpoint and snapshot steps, so the run stops at the "
+                             "first of those after N bad steps in a row (--log-every 1: at the N-th)")
     parser.add_argument("--json", action="store_true", help="print the final report as one JSON object")
 
 
