@@ -231,6 +231,32 @@ def test_a_failing_writer_is_one_line_and_keeps_the_previous_checkpoint(writer, 
     assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
 
 
+@pytest.mark.parametrize("offline", ["no network", "HF_HUB_OFFLINE"])
+def test_a_hub_id_without_network_fails_fast_in_one_line(offline, monkeypatch):
+    """No network (simulated: the Hub's host cannot be reached) or HF_HUB_OFFLINE=1, and ids in no local cache: the
+    VAE and the model loaders end within seconds with one line naming the id and how to pass a local folder."""
+    import time
+
+    import huggingface_hub.constants
+
+    import mpdit.hub_access as hub_access
+    from mpdit.data.latents import load_vae
+    from mpdit.model.dit import MPDiT
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        assert hub_access.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    for load, message in [(lambda: load_vae("nobody/no-such-vae"), r"cannot get the VAE 'nobody/no-such-vae' from "
+                                                                    r"the Hub .* pass --vae PATH, a local"),
+                          (lambda: MPDiT.from_pretrained("nobody/no-such-model"), r"cannot get the model "
+                           r"'nobody/no-such-model' from the Hub .* pass a local folder holding config.json")]:
+        started = time.monotonic()
+        with pytest.raises(MPDiTError, match=message) as error:
+            load()
+        assert time.monotonic() - started < 10 and "\n" not in str(error.value)
+
+
 def test_strict_json_and_nonfinite_number():
     assert nonfinite_number({"a": [1.0, {"b": math.inf}]}) == ("a[1].b", math.inf)
     assert nonfinite_number({"a": [1, "nan", None]}) is None
