@@ -77,6 +77,19 @@ def files(tmp_path_factory, run):
 
 # (command with {run}, {files}, {out}, {data} in it, exit status, fragment of the one line)
 CASES = [
+    # already one line before issue 25 (kept so)
+    ("train --resume {out}/nothing", 2, "is not a training run: missing config.json"),
+    ("train --data {data} --model DiT-Huge/4 --out {out}/r", 2, "unknown model 'DiT-Huge/4'"),
+    ("train --data nope:x --out {out}/r", 2, "unknown dataset spec 'nope:x'"),
+    ("train --data {data} --from-step 2 --out {out}/r", 2, "--from-step goes with --resume DIR"),
+    ("train --data {data} --out {run}", 2, "already holds a run: use --resume"),
+    ("train --resume {run} --lr 0.1", 2, "--resume continues a run as it was set up, so --lr cannot be given"),
+    ("train --data {data} --steps abc --out {out}/r", 2, "argument --steps: invalid int value: 'abc'"),
+    ("ablate --grid {out}/missing.json --out {out}/g", 2, "no grid file at"),
+    ("sample --ckpt {run} --classes 3,12 --out {out}/x.png", 2, "class 12 is out of range"),
+    ("eval --ckpt {run} --num 0 --out {out}/e.json", 2, "--num must be >= 1"),
+    ("bench --variants all-rotation", 2, "should look like mp:conditioning"),
+    ("nope", 2, "argument COMMAND: invalid choice: 'nope'"),
     # item 3: numbers
     ("train --data {data} --min-snr-gamma nan --out {out}/r", 2, "argument --min-snr-gamma: nan is not a finite number"),
     ("train --data {data} --lr inf --out {out}/r", 2, "argument --lr: inf is not a finite number"),
