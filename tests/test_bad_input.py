@@ -120,6 +120,7 @@ CASES = [
     ("sample --dit-checkpoint {files}/pickled.pt --ckpt {run} --out {out}/x.png", 2, "not both"),
     ("sample --dit-checkpoint {files}/no-null.pt --dit-num-classes 10 --cfg-scale 4 --out {out}/x.png", 2,
      "has no null class (it was trained without label dropout), so classifier-free guidance cannot work"),
+    ("quickstart --out {run} --steps 3 --seed 5 --no-compile", 2, "trains with seed 0: continuing it cannot apply"),
     # item 2: nothing outside --out, nothing overwritten that the user did not name
     ("ablate --grid {files}/up.json --out {out}/g", 2, "grid row name '../../escaped' must be one folder name"),
     ("ablate --grid {files}/absolute.json --out {out}/g", 2, "grid row name '/tmp/escaped' must be one folder"),
