@@ -205,7 +205,10 @@ def test_out_of_memory_names_the_batch_size(error, tiny_idx, tmp_path, monkeypat
                         (_ for _ in ()).throw(error))
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "out of memory (" in err[0] and "the batch size was 16: try --batch-size 8" in err[0], err
+    wanted = "CUDA could not allocate 20.00 GiB" if isinstance(error, torch.OutOfMemoryError) else \
+        "the CPU could not allocate 131,072.00 GiB"
+    assert len(err) == 1 and f"out of memory: {wanted} with --batch-size 16: if the batch is what does not fit, " \
+        "try --batch-size 8" in err[0], err
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [2]
 
 

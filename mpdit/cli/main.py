@@ -10,6 +10,7 @@ Commands whose parser sets ``cpu_heavy=True`` (quickstart, train) first pick the
 
 import argparse
 import importlib
+import re
 import sys
 
 import torch
@@ -48,13 +49,17 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def memory_advice(args, error: BaseException) -> str:
-    """The one line for an allocation that failed: what ran out, the batch size and a smaller one to try."""
-    cause = str(error).split("\n")[0].split(". ")[0].split("] ")[-1][:200] or type(error).__name__
+    """The one line for an allocation that failed: how much could not be had, the batch size and a smaller one."""
+    text = str(error)
+    cpu = re.search(r"tried to allocate (\d+) bytes", text)
+    cuda = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    wanted = f"{int(cpu.group(1)) / 2**30:,.2f} GiB" if cpu else cuda.group(1) if cuda else "memory"
+    where = "CUDA" if "CUDA" in text else "the CPU" if cpu else type(error).__name__
     batch = getattr(args, "batch_size", None)
-    advice = (f"the batch size was {batch}: try --batch-size {max(batch // 2, 1)}" if isinstance(batch, int)
-              else "try a smaller model or fewer images at once")
-    return (f"out of memory ({cause}); {advice}. Files are written whole, so nothing half-written was left; "
-            "a training run resumes from its newest checkpoint with --resume")
+    advice = (f"with --batch-size {batch}: if the batch is what does not fit, try --batch-size {max(batch // 2, 1)}, "
+              "else a smaller model or image size" if isinstance(batch, int) else "try a smaller model or image size")
+    return (f"out of memory: {where} could not allocate {wanted} {advice}. Files are written whole, so nothing "
+            "half-written was left (a training run resumes from its newest checkpoint with --resume)")
 
 
 def main(argv: list[str] | None = None) -> int:
