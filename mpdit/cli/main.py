@@ -3,7 +3,8 @@
 Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed arguments, returning an exit code or None).
 User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2; a training stopped by SIGTERM
-or SIGUSR1 (``Preempted``, after its checkpoint), one line saying how to go on and exit code 75 (PREEMPTED_EXIT).
+or SIGUSR1 (``Preempted``, after its checkpoint), one line saying how to go on and exit code 143 or 75
+(mpdit.training.preemption.EXIT_STATUS).
 Commands whose parser sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count
 (``mpdit.cli.threads``).
 """
@@ -18,7 +19,7 @@ import torch
 from mpdit import __version__
 from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
-from mpdit.training.preemption import PREEMPTED_EXIT, Preempted
+from mpdit.training.preemption import Preempted
 
 SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
                "classifier"]
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted as stop:
         print(f"mpdit: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT
+        return stop.exit_status
     except KeyboardInterrupt:
         print("mpdit: interrupted", file=sys.stderr)
         return 130

@@ -5,9 +5,10 @@ one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile --out runs/
 their defaults.
 
 Preemption: SIGTERM (Slurm, Kubernetes, `timeout`) or SIGUSR1 (Slurm's --signal warning) finishes the current step,
-writes a checkpoint, prints one line saying how to resume (`mpdit train --resume DIR`) and exits with status 75
-(under torchrun every process stops at the same step). The resumed run is the same, bit for bit, as one never
-stopped. Slurm with requeue: docs/cluster.md.
+writes a checkpoint, prints one line saying how to resume (`mpdit train --resume DIR`) and exits with status 143
+after SIGTERM (stopped as asked) or 75 after SIGUSR1 (try again: a job script requeues); under torchrun every
+process stops at the same step. The resumed run is the same, bit for bit, as one never stopped. Slurm with
+requeue: docs/cluster.md.
 """
 
 import argparse

@@ -472,7 +472,8 @@ class Trainer:
         if not checkpointed:
             self.save_checkpoint(stopped=True)
         raise Preempted(f"stopped by {received or 'a signal to another rank'} after step {self.step:,}: checkpoint "
-                        f"{ckpt.checkpoint_dir(self.run_dir, self.step)}", f"mpdit train --resume {self.run_dir}")
+                        f"{ckpt.checkpoint_dir(self.run_dir, self.step)}", f"mpdit train --resume {self.run_dir}",
+                        received)
 
     def _train(self, sample_grid) -> Path | None:
         cfg, main = self.cfg, self.dist.is_main
