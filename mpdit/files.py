@@ -237,8 +237,10 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device | None 
         text = str(error)
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)  # a valid file with non-allowlisted objects
         if refused:
-            raise MPDiTError(f"checkpoint file {path} holds Python objects ({refused.group(1)}) that safe loading "
-                             "refuses (mpdit writes only tensors and plain values there); it was not loaded") from None
+            raise MPDiTError(f"checkpoint file {path} holds pickled Python objects ({refused.group(1)}) that safe "
+                             "loading refuses: mpdit never unpickles (that can run code), so it was not loaded; if you "
+                             "trust the file, load it in Python with torch's full unpickler, keep its tensors (a state "
+                             "dict, e.g. its 'ema' entry) and torch.save them to a new file") from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         raise _corrupt(path, pickle.UnpicklingError(detail.group(1) if detail else text)) from None
     except Exception as error:  # zip/pickle errors, EOFError, OSError on short reads, KeyError...

@@ -3,6 +3,7 @@ row with its expected exit status and a fragment of its message; the test assert
 a non-zero exit and no file changed in the run, the data or the test's folder. Then the cases that need more than a
 command line (a metric that turns NaN, the Python API)."""
 
+import argparse
 import hashlib
 import json
 import math
@@ -16,6 +17,8 @@ from mpdit.cli.main import main
 from mpdit.errors import MPDiTError, nonfinite_number
 from mpdit.files import read_json, strict_json
 from mpdit.model.config import DiTConfig
+from mpdit.model.convert import to_official
+from mpdit.model.dit import build_model
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.train import TrainConfig, Trainer
 from conftest import write_idx
@@ -60,6 +63,9 @@ def files(tmp_path_factory, run):
     model_only = folder / "model-only"
     model_only.mkdir()
     (model_only / "config.json").write_text(json.dumps(config))
+    official = to_official(build_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=9).state_dict())
+    torch.save({"ema": official, "args": argparse.Namespace(model="DiT-Nano/2")}, folder / "pickled.pt")
+    torch.save(official, folder / "no-null.pt")  # 10 label rows, read with --dit-num-classes 10: no null class
     labels = folder / "bad-test-labels"
     labels.mkdir()
     rng = np.random.default_rng(0)
@@ -71,6 +77,19 @@ def files(tmp_path_factory, run):
 
 # (command with {run}, {files}, {out}, {data} in it, exit status, fragment of the one line)
 CASES = [
+    # already one line before issue 25 (kept so)
+    ("train --resume {out}/nothing", 2, "is not a training run: missing config.json"),
+    ("train --data {data} --model DiT-Huge/4 --out {out}/r", 2, "unknown model 'DiT-Huge/4'"),
+    ("train --data nope:x --out {out}/r", 2, "unknown dataset spec 'nope:x'"),
+    ("train --data {data} --from-step 2 --out {out}/r", 2, "--from-step goes with --resume DIR"),
+    ("train --data {data} --out {run}", 2, "already holds a run: use --resume"),
+    ("train --resume {run} --lr 0.1", 2, "--resume continues a run as it was set up, so --lr cannot be given"),
+    ("train --data {data} --steps abc --out {out}/r", 2, "argument --steps: invalid int value: 'abc'"),
+    ("ablate --grid {out}/missing.json --out {out}/g", 2, "no grid file at"),
+    ("sample --ckpt {run} --classes 3,12 --out {out}/x.png", 2, "class 12 is out of range"),
+    ("eval --ckpt {run} --num 0 --out {out}/e.json", 2, "--num must be >= 1"),
+    ("bench --variants all-rotation", 2, "should look like mp:conditioning"),
+    ("nope", 2, "argument COMMAND: invalid choice: 'nope'"),
     # item 3: numbers
     ("train --data {data} --min-snr-gamma nan --out {out}/r", 2, "argument --min-snr-gamma: nan is not a finite number"),
     ("train --data {data} --lr inf --out {out}/r", 2, "argument --lr: inf is not a finite number"),
@@ -94,6 +113,14 @@ CASES = [
     ("train --data idx:{files}/bad-test-labels --steps 1 --out {out}/r", 2,
      "t10k-labels-idx1-ubyte.gz holds label 255, but the data has 10 classes"),
     ("train --data {data} --model DiT-Nano/4 --image-size 4 --steps 1 --out {out}/r", 2, "is a single patch"),
+    # item 5: messages that say what is true
+    ("train --resume {run} --steps 1", 2, "--steps 1 is below step 2, where"),
+    ("sample --dit-checkpoint {files}/pickled.pt --out {out}/x.png", 2,
+     "holds pickled Python objects (argparse.Namespace) that safe loading refuses: mpdit never unpickles"),
+    ("sample --dit-checkpoint {files}/pickled.pt --ckpt {run} --out {out}/x.png", 2, "not both"),
+    ("sample --dit-checkpoint {files}/no-null.pt --dit-num-classes 10 --cfg-scale 4 --out {out}/x.png", 2,
+     "has no null class (it was trained without label dropout), so classifier-free guidance cannot work"),
+    ("quickstart --out {run} --steps 3 --seed 5 --no-compile", 2, "trains with seed 0: continuing it cannot apply"),
     # item 2: nothing outside --out, nothing overwritten that the user did not name
     ("ablate --grid {files}/up.json --out {out}/g", 2, "grid row name '../../escaped' must be one folder name"),
     ("ablate --grid {files}/absolute.json --out {out}/g", 2, "grid row name '/tmp/escaped' must be one folder"),
@@ -178,7 +205,10 @@ def test_out_of_memory_names_the_batch_size(error, tiny_idx, tmp_path, monkeypat
                         (_ for _ in ()).throw(error))
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "out of memory (" in err[0] and "the batch size was 16: try --batch-size 8" in err[0], err
+    wanted = "CUDA could not allocate 20.00 GiB" if isinstance(error, torch.OutOfMemoryError) else \
+        "the CPU could not allocate 131,072.00 GiB"
+    assert len(err) == 1 and f"out of memory: {wanted} with --batch-size 16: if the batch is what does not fit, " \
+        "try --batch-size 8" in err[0], err
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [2]
 
 
@@ -216,6 +246,32 @@ def test_a_failing_writer_is_one_line_and_keeps_the_previous_checkpoint(writer, 
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "r")] == [2]
     assert not [p for p in (tmp_path / "r").rglob("*") if ".tmp-" in p.name]
     assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("offline", ["no network", "HF_HUB_OFFLINE"])
+def test_a_hub_id_without_network_fails_fast_in_one_line(offline, monkeypatch):
+    """No network (simulated: the Hub's host cannot be reached) or HF_HUB_OFFLINE=1, and ids in no local cache: the
+    VAE and the model loaders end within seconds with one line naming the id and how to pass a local folder."""
+    import time
+
+    import huggingface_hub.constants
+
+    import mpdit.hub_access as hub_access
+    from mpdit.data.latents import load_vae
+    from mpdit.model.dit import MPDiT
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        assert hub_access.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    for load, message in [(lambda: load_vae("nobody/no-such-vae"), r"cannot get the VAE 'nobody/no-such-vae' from "
+                                                                    r"the Hub .* pass --vae PATH, a local"),
+                          (lambda: MPDiT.from_pretrained("nobody/no-such-model"), r"cannot get the model "
+                           r"'nobody/no-such-model' from the Hub .* pass a local folder holding config.json")]:
+        started = time.monotonic()
+        with pytest.raises(MPDiTError, match=message) as error:
+            load()
+        assert time.monotonic() - started < 10 and "\n" not in str(error.value)
 
 
 def test_strict_json_and_nonfinite_number():

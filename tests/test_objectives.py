@@ -363,24 +363,28 @@ def test_bad_objective_and_dyt_input_is_one_line_and_writes_nothing(tmp_path, ti
     base = ["train", "--model", "DiT-Nano/4", "--data", tiny_idx, "--steps", "2", "--batch-size", "16",
             "--no-progress", "--out", str(run)]
     for extra, fragment in ((["--objective", "flow", "--logit-std", "0"], "std must be a finite number > 0"),
-                            (["--objective", "flow", "--logit-mean", "nan"], "'logit_mean' must be a finite number"),
+                            (["--objective", "flow", "--logit-std", "-1"], "std must be a finite number > 0"),
                             (["--norm", "dyt"], "no_layernorm switch"),
                             (["--objective", "flow", "--min-snr-gamma", "5"], "Min-SNR"),
                             (["--objective", "flow", "--timestep-input", "raw"], "timestep-input raw")):
         assert main(base + extra) == 2
         assert fragment in error_line(capsys)
         assert not run.exists() or not any(run.rglob("*.safetensors"))
-    with pytest.raises(SystemExit):
-        main(base + ["--objective", "score"])
+    for extra in (["--objective", "score"], ["--logit-mean", "nan"], ["--holdout", "inf"], ["--norm", "rms"]):
+        with pytest.raises(SystemExit) as stop:  # argparse's own check: one line, exit 2
+            main(base + extra)
+        assert stop.value.code == 2 and extra[0] in error_line(capsys)
     assert main(base + ["--objective", "flow", "--mp", "none", "--conditioning", "adaln-zero"]) == 0
     capsys.readouterr()
     for extra, fragment in ((["--sampler", "ddim"], "unknown sampler 'ddim' for a flow model"),
                             (["--time-shift", "0"], "--time-shift must be"),
-                            (["--time-shift", "inf"], "--time-shift must be"),
                             (["--time-shift", "-2"], "--time-shift must be")):
         assert main(["sample", "--ckpt", str(run), "--num", "2", "--out", str(tmp_path / "x.png"), *extra]) == 2
         assert fragment in error_line(capsys)
         assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(run), "--num", "2", "--out", str(tmp_path / "x.png"), "--time-shift", "inf"])
+    assert "--time-shift" in error_line(capsys) and not (tmp_path / "x.png").exists()
     assert main(["eval", "--ckpt", str(run), "--protocol", "fid10k", "--reference-npz", str(tmp_path / "r.npz")]) == 2
     assert "a flow model has not" in error_line(capsys)
     assert main(["train", "--resume", str(run), "--objective", "ddpm"]) == 2

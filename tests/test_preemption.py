@@ -1,6 +1,6 @@
 """Preemption (issue 25, item 1): SIGTERM and SIGUSR1 during training finish the step, write a checkpoint, say how
-to resume and exit 75; the resumed run is the same, bit for bit, as one never stopped; `mpdit ablate` likewise;
-under torchrun every rank stops at the same step."""
+to resume and exit 143 (SIGTERM) or 75 (SIGUSR1); the resumed run is the same, bit for bit, as one never stopped;
+`mpdit ablate` likewise; under torchrun every rank stops at the same step."""
 
 import os
 import signal
@@ -14,7 +14,6 @@ import pytest
 from mpdit.cli.main import main
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import list_snapshots
-from mpdit.training.preemption import PREEMPTED_EXIT
 from mpdit.training.train import STATE_FILE, Trainer
 from test_robust import compare_runs, strict_log
 from test_train import weights
@@ -48,7 +47,7 @@ def signal_at(monkeypatch, signum, at_step: int) -> None:
 
 
 def test_sigterm_to_a_real_train_process_checkpoints_and_resumes_bit_identical(tmp_path, tiny_idx):
-    """SIGTERM to a running `mpdit train`: exit 75, one line naming the resume command, a checkpoint at the step
+    """SIGTERM to a running `mpdit train`: exit 143, one line naming the resume command, a checkpoint at the step
     it reached (not on the run's schedule, without a power-EMA snapshot); resuming ends identical to a run never
     stopped (model, EMAs, optimizer, snapshots, log)."""
     assert main([*tiny_train(tiny_idx), "--out", str(tmp_path / "whole")]) == 0
@@ -63,7 +62,7 @@ def test_sigterm_to_a_real_train_process_checkpoints_and_resumes_bit_identical(t
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == PREEMPTED_EXIT, stderr[-2000:]
+    assert process.returncode == 143, stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.startswith("mpdit:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     stopped = ckpt.list_checkpoints(run)[-1][0]
@@ -83,7 +82,7 @@ def test_sigusr1_in_process_stops_after_the_step(tmp_path, tiny_idx, monkeypatch
     assert main([*tiny_train(tiny_idx, steps=8), "--out", str(tmp_path / "whole")]) == 0
     before = signal.getsignal(signal.SIGUSR1)
     signal_at(monkeypatch, signal.SIGUSR1, at_step=6)
-    assert main([*tiny_train(tiny_idx, steps=8), "--out", str(tmp_path / "run")]) == PREEMPTED_EXIT
+    assert main([*tiny_train(tiny_idx, steps=8), "--out", str(tmp_path / "run")]) == 75
     assert signal.getsignal(signal.SIGUSR1) is before
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mpdit: stopped by SIGUSR1 after step 6: checkpoint"), err
@@ -96,7 +95,7 @@ def test_sigusr1_in_process_stops_after_the_step(tmp_path, tiny_idx, monkeypatch
 
 def test_a_signal_at_a_scheduled_checkpoint_writes_no_second_one(tmp_path, tiny_idx, monkeypatch):
     signal_at(monkeypatch, signal.SIGTERM, at_step=4)
-    assert main([*tiny_train(tiny_idx, steps=8), "--out", str(tmp_path / "run")]) == PREEMPTED_EXIT
+    assert main([*tiny_train(tiny_idx, steps=8), "--out", str(tmp_path / "run")]) == 143
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4]
     assert not ckpt.load_torch(ckpt.checkpoint_dir(tmp_path / "run", 4) / STATE_FILE)["stopped_by_signal"]
     assert {step for step, _, _ in list_snapshots(tmp_path / "run")} == {4}  # a scheduled checkpoint's snapshot
@@ -107,7 +106,7 @@ def test_ablate_stops_after_the_current_runs_checkpoint(tmp_path, tiny_idx, monk
             tiny_idx, "--steps", "4", "--batch-size", "16", "--eval-num", "20", "--sample-steps", "3",
             "--out", str(tmp_path)]
     signal_at(monkeypatch, signal.SIGTERM, at_step=3)
-    assert main(grid) == PREEMPTED_EXIT
+    assert main(grid) == 143
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("; to go on, run the same mpdit ablate command again"), err
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs/dit/seed-0")] == [1, 2, 3]

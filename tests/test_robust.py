@@ -223,6 +223,31 @@ def test_resume_redraws_a_missing_final_grid(tmp_path, tiny_idx):
     assert grid.is_file() and not list(grid.parent.glob("*.tmp-*"))
 
 
+def test_resume_redraws_a_grid_of_sample_every_lost_to_a_kill(tmp_path, tiny_idx, monkeypatch):
+    """Killed while drawing the step-2 grid (after step 2's checkpoint): the resume draws it from step 2's weights
+    before going on, and the run ends as one never killed, grids included."""
+    import mpdit.cli.train as train_command
+    argv = ["train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16", "--steps", "4",
+            "--ckpt-every", "2", "--sample-every", "2", "--no-progress"]
+    assert main_raise([*argv, "--out", str(tmp_path / "whole")]) == 0
+    real = train_command.sample_grid_callback
+
+    def dying_callback(*args, **kwargs):
+        def draw(trainer):
+            raise KeyboardInterrupt  # the kill, while the grid is drawn
+        return draw
+
+    monkeypatch.setattr(train_command, "sample_grid_callback", dying_callback)
+    with pytest.raises(KeyboardInterrupt):
+        main_raise([*argv, "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(train_command, "sample_grid_callback", real)
+    assert not (tmp_path / "run" / "samples" / "step-0000002.png").exists()
+    assert main_raise(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    for step in (2, 4):
+        name = f"samples/step-{step:07d}.png"
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
 def test_damaged_checkpoint_names_the_previous_one_and_from_step_resumes(tmp_path, tiny_idx):
     model_cfg, cfg = configs(tiny_idx, steps=12, telemetry_every=0)
     Trainer(tmp_path / "whole", model_cfg, cfg).run()

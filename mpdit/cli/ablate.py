@@ -1,7 +1,8 @@
 """`mpdit ablate`: train and evaluate a grid of configurations with equal budget and several seeds,
 then write OUT/results.csv and OUT/results.md. Re-run the same command to continue a grid: finished
 runs are skipped and interrupted ones resume from their last checkpoint. SIGTERM or SIGUSR1 (a cluster's
-preemption) stops the grid after the current training step with a checkpoint, and exit status 75 (docs/cluster.md).
+preemption) during training stops the grid after the current step with a checkpoint, with exit status 143 or 75
+(docs/cluster.md).
 
 The budget (model, data, steps, evaluation) comes from the options below, over the "budget" of a grid file
 ({"budget": {...}, "rows": [...]}) where it has one, over the defaults shown.

@@ -3,13 +3,15 @@
 Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed arguments, returning an exit code or None).
 User errors (``MPDiTError``) become a one-line ``mpdit: error: ...`` and exit code 2; a training stopped by SIGTERM
-or SIGUSR1 (``Preempted``, after its checkpoint), one line saying how to go on and exit code 75 (PREEMPTED_EXIT).
+or SIGUSR1 (``Preempted``, after its checkpoint), one line saying how to go on and exit code 143 or 75
+(mpdit.training.preemption.EXIT_STATUS).
 Commands whose parser sets ``cpu_heavy=True`` (quickstart, train) first pick their CPU thread count
 (``mpdit.cli.threads``).
 """
 
 import argparse
 import importlib
+import re
 import sys
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from mpdit import __version__
 from mpdit.cli.threads import choose_threads
 from mpdit.errors import MPDiTError
-from mpdit.training.preemption import PREEMPTED_EXIT, Preempted
+from mpdit.training.preemption import Preempted
 
 SUBCOMMANDS = ["quickstart", "encode", "train", "sample", "eval", "ema", "export", "ablate", "plot", "params", "bench",
                "gradnoise", "classifier"]
@@ -48,13 +50,17 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def memory_advice(args, error: BaseException) -> str:
-    """The one line for an allocation that failed: what ran out, the batch size and a smaller one to try."""
-    cause = str(error).split("\n")[0].split(". ")[0].split("] ")[-1][:200] or type(error).__name__
+    """The one line for an allocation that failed: how much could not be had, the batch size and a smaller one."""
+    text = str(error)
+    cpu = re.search(r"tried to allocate (\d+) bytes", text)
+    cuda = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    wanted = f"{int(cpu.group(1)) / 2**30:,.2f} GiB" if cpu else cuda.group(1) if cuda else "memory"
+    where = "CUDA" if "CUDA" in text else "the CPU" if cpu else type(error).__name__
     batch = getattr(args, "batch_size", None)
-    advice = (f"the batch size was {batch}: try --batch-size {max(batch // 2, 1)}" if isinstance(batch, int)
-              else "try a smaller model or fewer images at once")
-    return (f"out of memory ({cause}); {advice}. Files are written whole, so nothing half-written was left; "
-            "a training run resumes from its newest checkpoint with --resume")
+    advice = (f"with --batch-size {batch}: if the batch is what does not fit, try --batch-size {max(batch // 2, 1)}, "
+              "else a smaller model or image size" if isinstance(batch, int) else "try a smaller model or image size")
+    return (f"out of memory: {where} could not allocate {wanted} {advice}. Files are written whole, so nothing "
+            "half-written was left (a training run resumes from its newest checkpoint with --resume)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted as stop:
         print(f"mpdit: {stop}", file=sys.stderr)
-        return PREEMPTED_EXIT
+        return stop.exit_status
     except KeyboardInterrupt:
         print("mpdit: interrupted", file=sys.stderr)
         return 130

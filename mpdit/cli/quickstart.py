@@ -89,7 +89,11 @@ def training_plan(out: Path, steps: int | None, seed: int = 0,
                  *QUICKSTART_TRAIN_OPTIONS],
                 f"training the default model for {steps:,} steps in {out} ({estimate(steps, compiled)})")
     done = checkpoints[-1][0]
-    target = read_run_configs(out)[1].steps if steps is None else steps
+    run_cfg = read_run_configs(out)[1]
+    target = run_cfg.steps if steps is None else steps
+    if target > done and seed != run_cfg.seed:
+        raise MPDiTError(f"{out} trains with seed {run_cfg.seed}: continuing it cannot apply --seed {seed}; give "
+                         f"--seed {run_cfg.seed}, or another --out for a run of seed {seed}")
     if target < done:
         raise MPDiTError(f"{out} is already trained to {done:,} steps: --steps {target} cannot go back; "
                          f"give --steps {done} or more, or another --out")

@@ -19,9 +19,12 @@ def load_sampling_model(args, device: str):
     """(model, objective, decode or None, source dict) from --dit-checkpoint (official DiT + VAE, latents * 0.18215;
     DDPM) or --ckpt (its recorded objective; the VAE decoder of its latents:PATH data, if any; --vae overrides the
     VAE). The sampler asked for, if any, is checked against the objective here, before any sampling."""
+    if args.dit_checkpoint and args.ckpt:
+        raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt), not both")
     check_time_shift(args.time_shift)
     if args.dit_checkpoint:
         model = load_official_checkpoint(args.dit_checkpoint, device, args.dit_num_classes)
+        require_guidance_fits(model, args.cfg_scale, args.dit_checkpoint)
         decode = LatentDecoder.official(args.vae or DEFAULT_VAE, device)
         objective = make_objective(None, model.config)
         source = {"checkpoint": str(args.dit_checkpoint), "weights": "official DiT", "vae": decode.name}
@@ -29,6 +32,7 @@ def load_sampling_model(args, device: str):
         if not args.ckpt:
             raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt)")
         model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
+        require_guidance_fits(model, args.cfg_scale, checkpoint)
         objective = checkpoint_objective(checkpoint, model)
         data = run_data_spec(checkpoint, getattr(args, "data", None))
         decode = LatentDecoder.for_data(data, args.vae, device)
@@ -36,6 +40,14 @@ def load_sampling_model(args, device: str):
     if args.sampler is not None:
         objective.check_sampler(args.sampler)
     return model, objective, decode, source | {"objective": objective.name}
+
+
+def require_guidance_fits(model, cfg_scale: float, source) -> None:
+    """MPDiTError for a guidance scale other than 1 with a model that has no null class (trained without label
+    dropout, or an official DiT read with --dit-num-classes K from a table of K rows): guidance would be off."""
+    if cfg_scale != 1 and model.config.class_dropout_prob == 0:
+        raise MPDiTError(f"{source} has no null class (it was trained without label dropout), so classifier-free "
+                         f"guidance cannot work: pass --cfg-scale 1 (not {cfg_scale:g})")
 
 
 def parse_classes(spec: str | None, num: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -93,7 +105,7 @@ def add_sampling_options(parser, num: int, steps: int) -> None:
                              "ddimN: a stride of 1000 // N, the spacing of diffusers' DDIMScheduler)")
     parser.add_argument("--cfg-scale", type=finite_float, default=DEFAULT_CFG_SCALE,
                         help=f"classifier-free guidance scale (1: none; default {DEFAULT_CFG_SCALE})")
-    parser.add_argument("--time-shift", type=float, default=1.0, metavar="S",
+    parser.add_argument("--time-shift", type=finite_float, default=1.0, metavar="S",
                         help="flow samplers: SD3's time shift t' = S t / (1 + (S - 1) t) (default 1: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)

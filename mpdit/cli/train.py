@@ -5,9 +5,10 @@ one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile --out runs/
 their defaults.
 
 Preemption: SIGTERM (Slurm, Kubernetes, `timeout`) or SIGUSR1 (Slurm's --signal warning) finishes the current step,
-writes a checkpoint, prints one line saying how to resume (`mpdit train --resume DIR`) and exits with status 75
-(under torchrun every process stops at the same step). The resumed run is the same, bit for bit, as one never
-stopped. Slurm with requeue: docs/cluster.md.
+writes a checkpoint, prints one line saying how to resume (`mpdit train --resume DIR`) and exits with status 143
+after SIGTERM (stopped as asked) or 75 after SIGUSR1 (try again: a job script requeues); under torchrun every
+process stops at the same step. The resumed run is the same, bit for bit, as one never stopped. Slurm with
+requeue: docs/cluster.md.
 """
 
 import argparse
@@ -158,6 +159,10 @@ def run(args) -> int:
         if not list_checkpoints(run_dir):
             raise MPDiTError(f"{run_dir} has no checkpoint to resume from (the run stopped before its first one): "
                              f"start it again with --out {run_dir}")
+        at = args.from_step if args.from_step is not None else list_checkpoints(run_dir)[-1][0]
+        if args.steps is not None and args.steps < at:
+            raise MPDiTError(f"--steps {args.steps} is below step {at:,}, where {run_dir} is: a run only goes forward "
+                             f"(give --steps {at} or more, or --from-step N to resume an earlier checkpoint)")
         train_cfg = TrainConfig.from_dict({**dataclasses.asdict(train_cfg), **resume_overrides(args)})
         trainer = Trainer(run_dir, model_cfg, train_cfg, resume=True, from_step=args.from_step)
     else:
@@ -215,8 +220,8 @@ def add_training_options(parser) -> None:
                              "x_t = (1 - t) x0 + t eps, velocity eps - x0; see docs/objectives.md)")
     parser.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="logit-normal",
                         help="flow: training times logit-normal (default, SD3's) or uniform (SiT's)")
-    parser.add_argument("--logit-mean", type=float, default=0.0, help="flow, logit-normal times: mean (default 0)")
-    parser.add_argument("--logit-std", type=float, default=1.0, help="flow, logit-normal times: std (default 1)")
+    parser.add_argument("--logit-mean", type=finite_float, default=0.0, help="flow, logit-normal times: mean (default 0)")
+    parser.add_argument("--logit-std", type=finite_float, default=1.0, help="flow, logit-normal times: std (default 1)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="pad/resize images to this side (default: the data's side, padded to the patch size)")
     parser.add_argument("--steps", type=int, default=None,
@@ -256,9 +261,11 @@ def add_training_options(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-bad-steps", type=int, default=10,
-                        help="stop when this many steps in a row had a non-finite loss or gradient (they are "
-                             "skipped; default 10)")
-    parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                        help="stop when this many steps in a row had a non-finite loss or gradient (default 10): "
+                             "such steps are skipped (the EMAs still count them, averaging the unchanged weights); "
+                             "the count is read at log, checkpoint and snapshot steps, so the run stops at the "
+                             "first of those after N bad steps in a row (--log-every 1: at the N-th)")
+    parser.add_argument("--holdout", type=finite_float, default=0.0, metavar="FRACTION",
                         help="keep this share of the training images (a fixed draw, the same for every run) out of "
                              "training, as the held-out images of the validation loss where the data has no test "
                              "split (default 0)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 from mpdit.data.datasets import SPEC_LOADERS, class_folders, to_uint8
 from mpdit.errors import MPDiTError
+from mpdit.hub_access import from_hub
 from mpdit.files import atomic_write_text, load_safetensors, read_safetensors_metadata, save_safetensors, strict_json
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -46,7 +48,13 @@ def load_vae(name: str = DEFAULT_VAE, device: str | torch.device = "cpu"):
         raise MPDiTError("the VAE needs diffusers: pip install -e \".[vae]\"") from None
 
     try:
-        vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)  # no accelerate needed
+        with warnings.catch_warnings():  # diffusers still passes an argument huggingface_hub deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            vae = from_hub(name, "the VAE", lambda offline: AutoencoderKL.from_pretrained(
+                name, low_cpu_mem_usage=False, local_files_only=offline),  # low_cpu_mem_usage off: no accelerate
+                "pass --vae PATH, a local AutoencoderKL folder (config.json and its weights)")
+    except MPDiTError:
+        raise
     except Exception as error:  # diffusers / hub raise many types for a bad path or id
         message = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise MPDiTError(f"cannot load the VAE '{name}' (a local AutoencoderKL folder or a Hub id): {message}") from None

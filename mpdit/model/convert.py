@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mpdit.errors import MPDiTError
+from mpdit.files import load_torch
 from mpdit.model.config import SIZES, DiTConfig
 from mpdit.model.dit import MPDiT, load_state_dict_checked
 
@@ -83,10 +84,7 @@ def load_official_checkpoint(path: str | Path, device: str = "cpu", num_classes:
     path = Path(path)
     if not path.is_file():
         raise MPDiTError(f"no DiT checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise MPDiTError(f"DiT checkpoint {path} is corrupt or not a state dict ({type(error).__name__})") from None
+    state = load_torch(path)  # safe loading: pickled objects are refused, and said so
     if isinstance(state, dict) and ("ema" in state or "model" in state):
         state = state.get("ema", state.get("model"))
     if not isinstance(state, dict):

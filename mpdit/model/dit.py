@@ -36,6 +36,7 @@ from mpdit.nn.primitives import (
     timestep_sinusoidal,
 )
 from mpdit.files import load_safetensors, read_json
+from mpdit.hub_access import from_hub
 
 
 def make_linear(cfg: DiTConfig, in_features: int, out_features: int, *, zero_init: bool = False,
@@ -332,6 +333,15 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         self.block_output_scales = [weight ** (2 * (i + 1)) for i in range(cfg.depth)]
         final_scale = torch.full((1, 1, 1), weight ** (2 * cfg.depth)) if folds_stream_scale(cfg) else None
         self.register_buffer("final_scale", final_scale, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "MPDiT":
+        """PyTorchModelHubMixin.from_pretrained (a local folder or a Hub id), failing within seconds and in one line
+        when the Hub cannot be reached and the id is not in the local cache (mpdit.hub_access.from_hub)."""
+        name = str(pretrained_model_name_or_path)
+        return from_hub(name, "the model", lambda offline: super(MPDiT, cls).from_pretrained(
+            name, **{**kwargs, "local_files_only": kwargs.get("local_files_only", False) or offline}),
+            "pass a local folder holding config.json and model.safetensors")
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download: bool = False,

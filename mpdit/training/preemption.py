@@ -3,7 +3,10 @@ training are a checkpoint, not a loss.
 
 While ``StopSignals`` is active, either signal only sets a flag. The training loop asks ``StopSignals.agreed()``
 after each step; once it says yes, the loop writes a checkpoint of that step and raises ``Preempted``, which the
-command line reports in one line (how to resume) with exit status ``PREEMPTED_EXIT``.
+command line reports in one line (how to resume) with the exit status of ``EXIT_STATUS``: 75 after SIGUSR1
+(sysexits' EX_TEMPFAIL, "try again": the scheduler's warning that time is nearly up, so a job script requeues),
+143 after SIGTERM (128 + 15, as a process ended by SIGTERM: stopped as asked, as by `scancel`, which must not
+requeue; a preempting Slurm requeues the job itself). Either way the checkpoint is written before the exit.
 
 Under torchrun every rank must stop at the same step (the checkpoint is a collective). Each step the ranks
 all-reduce (MAX) their flags, and a rank reads the previous step's result, not this one's: the read then waits for
@@ -18,18 +21,21 @@ import threading
 import torch
 import torch.distributed as dist
 
-# sysexits.h EX_TEMPFAIL, "a temporary failure: try again": the run stopped cleanly and can be resumed.
-PREEMPTED_EXIT = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The exit status after a stop (checkpoint written): SIGUSR1's 75 also where this rank got no signal itself.
+EXIT_STATUS = {"SIGTERM": 128 + signal.SIGTERM, "SIGUSR1": 75}
+TRY_AGAIN = EXIT_STATUS["SIGUSR1"]
 
 
 class Preempted(Exception):
-    """A run stopped by SIGTERM or SIGUSR1 after writing a checkpoint. ``resume``: the command that goes on (a
-    command that wraps training, such as `mpdit ablate`, sets its own)."""
+    """A run stopped by SIGTERM or SIGUSR1 (``received``: its name, None on a rank another rank's signal stopped)
+    after writing a checkpoint. ``resume``: the command that goes on (a command that wraps training, such as
+    `mpdit ablate`, sets its own); ``exit_status``: EXIT_STATUS's for the signal."""
 
-    def __init__(self, stopped: str, resume: str):
+    def __init__(self, stopped: str, resume: str, received: str | None):
         super().__init__(stopped)
         self.stopped, self.resume = stopped, resume
+        self.exit_status = EXIT_STATUS.get(received, TRY_AGAIN)
 
     def __str__(self) -> str:
         return f"{self.stopped}; to go on, run {self.resume}"

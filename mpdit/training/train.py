@@ -455,16 +455,17 @@ class Trainer:
         """Train from self.step to cfg.steps; log, checkpoint, and call sample_grid(trainer) when due.
 
         The main process holds the run folder's lock (rundir.RunLock) throughout, and first repairs what a killed
-        process left (repair_run_dir). A run resumed at its last step draws its final grid again."""
+        process left (repair_run_dir). A run resumed at a step that has a grid (its last, or one of --sample-every)
+        draws that grid again, before going on (as a run never stopped draws it after that step's checkpoint)."""
         if not self.dist.is_main:
             return self._train(sample_grid)
         with RunLock(self.run_dir):
             self.repair_run_dir()
-            start = self.step
-            last = self._train(sample_grid)
-            if sample_grid is not None and start == self.cfg.steps > 0:
-                sample_grid(self)  # a kill during the final grid left none
-            return last
+            every = self.cfg.sample_every
+            if sample_grid is not None and self.step > 0 and (self.step == self.cfg.steps or every and
+                                                              self.step % every == 0):
+                sample_grid(self)  # a kill during that grid left none
+            return self._train(sample_grid)
 
     def repair_run_dir(self) -> None:
         """Before training (lock held): delete killed writers' temp files; set aside the checkpoints after the step
@@ -502,7 +503,8 @@ class Trainer:
         if not checkpointed:
             self.save_checkpoint(stopped=True)
         raise Preempted(f"stopped by {received or 'a signal to another rank'} after step {self.step:,}: checkpoint "
-                        f"{ckpt.checkpoint_dir(self.run_dir, self.step)}", f"mpdit train --resume {self.run_dir}")
+                        f"{ckpt.checkpoint_dir(self.run_dir, self.step)}", f"mpdit train --resume {self.run_dir}",
+                        received)
 
     def _train(self, sample_grid) -> Path | None:
         cfg, main = self.cfg, self.dist.is_main
