@@ -55,6 +55,16 @@ def objective_scheduler(objective: Objective, scheduler=None):
     return scheduler
 
 
+def check_scheduler(objective: Objective, scheduler) -> None:
+    """MPDiTError unless the scheduler samples the objective's kind of model: a flow-matching scheduler for flow, one
+    of the DDPM family for DDPM (the family of the objective's own default scheduler)."""
+    flow_matching = type(scheduler).__name__.startswith("FlowMatch")
+    if flow_matching != objective.scheduler_config()["_class_name"].startswith("FlowMatch"):
+        raise MPDiTError(f"{type(scheduler).__name__} does not sample a {objective.name} model: give a "
+                         f"{objective.scheduler_config()['_class_name']}-like scheduler, or the model's objective "
+                         "(MPDiTPipeline(..., objective=...); from_pretrained_model reads it)")
+
+
 def dit_scheduler(scheduler="ddim"):
     """A diffusers scheduler with DiT's schedule: a name (ddpm, ddim, dpm), a scheduler class, or an instance
     (its other settings kept)."""
@@ -75,7 +85,8 @@ NAMED_SCHEDULERS = {"ddpm": {name: (lambda name=name: dit_scheduler(name)) for n
 class MPDiTPipeline(DiffusionPipeline):
     """transformer: an MPDiT; scheduler: a diffusers scheduler; vae: an AutoencoderKL for latent models (else None)
     with the per-channel latent statistics latent_mean / latent_std (C,) (mean 0, std 1/0.18215 for official DiT);
-    objective: the model's training objective (an Objective or ObjectiveConfig; None: DDPM)."""
+    objective: the model's training objective (an Objective or ObjectiveConfig; None: DDPM), which the scheduler
+    must suit."""
 
     model_cpu_offload_seq = "transformer->vae"
 
@@ -85,6 +96,7 @@ class MPDiTPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         if not isinstance(objective, Objective):
             objective = make_objective(objective, transformer.config)
+        check_scheduler(objective, scheduler)
         self.objective = objective
         c = transformer.config.in_channels
         self.latent_mean = torch.zeros(c) if latent_mean is None else torch.as_tensor(latent_mean, dtype=torch.float32)

@@ -370,13 +370,13 @@ def test_lr_transfer_finds_each_widths_best_lr_and_its_shift(tmp_path):
     from mpdit.evaluation.transfer import best_lrs, loss_curves, plot_transfer, shift_per_doubling, transfer_markdown
 
     def line(family, width, lr, loss, step=2000):
-        return {"row": f"{family}-w{width}@lr={lr:g}", "lr": lr, "step": step, "val_loss": loss}
+        return {"row": f"{family}-w{width}@lr={lr:g}", "lr": lr, "step": step, "val_loss": loss, "width": width}
 
     # family a: the best lr falls by a decade (2 half-decades) per doubling; family b: it stays at 1e-2
     lines = [line("a", 64, lr, abs(math.log10(lr) + 2)) for lr in (1e-3, 1e-2, 1e-1)]
     lines += [line("a", 128, lr, abs(math.log10(lr) + 3)) for lr in (1e-4, 1e-3, 1e-2)]
     lines += [line("b", w, lr, abs(math.log10(lr) + 2) + 1 / w) for w in (64, 128, 256) for lr in (1e-3, 1e-2, 3e-2)]
-    lines += [line("a", 64, 1e-2, 9.0, step=1000), {"row": "other", "lr": 1.0, "step": 2000, "val_loss": 0.0},
+    lines += [line("a", 64, 1e-2, 9.0, step=1000), {"row": "other", "lr": 1.0, "step": 2000, "val_loss": 0.0, "width": 64},
               line("c", 64, 1e-2, None)]
     curves = loss_curves(lines, 2000)
     assert set(curves) == {"a", "b"}

@@ -413,3 +413,32 @@ def test_the_model_imports_nothing_of_diffusion_or_training():
             upward = [n for n in names if n.startswith(("mpdit.diffusion", "mpdit.training", "mpdit.evaluation",
                                                         "mpdit.cli", "mpdit.pipeline"))]
             assert not upward, f"{path.name} imports {upward}"
+
+
+def test_bad_objective_settings_are_refused_before_anything_runs(tmp_path, tiny_idx):
+    """Review findings: a scheduler that does not suit the objective; flow rows or runs whose settings only fail
+    later (raw time input, Min-SNR); --val-every without held-out images; more bins than steps."""
+    from diffusers import DDIMScheduler
+
+    from mpdit.evaluation.ablation import Row
+    from mpdit.pipeline import MPDiTPipeline, dit_scheduler, flow_scheduler
+
+    flow_model = MPDiT(DiTConfig(**TINY, learn_sigma=False))
+    with pytest.raises(MPDiTError, match="does not sample a ddpm model"):
+        MPDiTPipeline(flow_model, flow_scheduler())  # a flow scheduler and no objective: DDPM assumed
+    with pytest.raises(MPDiTError, match="DDIMScheduler does not sample a flow model"):
+        MPDiTPipeline(flow_model, DDIMScheduler(), objective=ObjectiveConfig("flow"))
+    assert MPDiTPipeline(MPDiT(DiTConfig(**TINY)), dit_scheduler("dpm")).objective.name == "ddpm"
+    with pytest.raises(MPDiTError, match="timestep-input raw"):
+        Row("r", "all", objective="flow", timestep_input="raw")
+    with pytest.raises(MPDiTError, match="Min-SNR"):
+        TrainConfig(objective="flow", min_snr_gamma=5.0)
+    images = torch.zeros(40, 1, 8, 8, dtype=torch.uint8)
+    no_test_split = ImageDataset(images, torch.arange(40) % 3, 3)
+    model_cfg = DiTConfig(**TINY)
+    with pytest.raises(MPDiTError, match="no held-out images"):
+        Trainer(tmp_path / "run", model_cfg, TrainConfig(data="folder:/nonexistent", val_every=2, batch_size=8,
+                                                           device="cpu", progress=False), data=no_test_split)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(MPDiTError, match="1 to 1000 bins"):
+        make_objective(None, model_cfg).time_bins(1001)

@@ -193,6 +193,8 @@ class DDPMObjective(Objective):
 
     def time_bins(self, bins):
         T = self.model_config.num_timesteps
+        if not 1 <= bins <= T:
+            raise MPDiTError(f"the noise levels split into 1 to {T} bins (one step each at most), got {bins}")
         edges = [round(k * T / bins) for k in range(bins + 1)]
         return list(zip(edges[:-1], edges[1:]))
 
@@ -296,6 +298,8 @@ class FlowObjective(Objective):
     def sampling_steps(self, steps):
         if not isinstance(steps, int):
             raise MPDiTError(f"flow samplers take a step count, got '{steps}' (ddimN is a DDPM spacing)")
+        if steps < 1:
+            raise MPDiTError(f"sampling steps must be >= 1, got {steps}")
         return steps
 
     def scheduler_config(self):

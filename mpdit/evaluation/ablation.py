@@ -102,7 +102,8 @@ class Row:
             raise MPDiTError(f"unknown precision '{self.precision}': choose fp32 or bf16 (or leave it out)")
         if self.zero_init not in ZERO_INIT:
             raise MPDiTError(f"zero_init must be on or off (or left out), got {self.zero_init!r}")
-        DiTConfig(**self.model_overrides())  # the switches, norm and zero init fit together
+        OBJECTIVES[self.objective](ObjectiveConfig(**self.objective_options(), sigma_data=1.0),
+                                   DiTConfig(**self.model_overrides()))  # switches, norm, zero init, objective fit
 
     def model_overrides(self) -> dict:
         """The DiTConfig fields this row sets (besides the budget's model and the data's shape)."""
@@ -285,15 +286,16 @@ def evaluation(checkpoint: Path, cfg_scale: float, seed: int, budget: Budget, sa
     return result
 
 
-def validation(checkpoint: Path, seed: int, budget: Budget) -> float:
-    """The validation loss of one checkpoint (mpdit eval --loss, the weights the FD is scored with):
-    CHECKPOINT/val-loss.json when it holds the same seed, else computed now and written there."""
+def validation(checkpoint: Path, budget: Budget) -> float:
+    """The validation loss of one checkpoint (`mpdit eval --loss` with its default seed 0, so every run of every
+    seed is scored on the same images and noise; the weights the FD is scored with): CHECKPOINT/val-loss.json when
+    it holds seed 0, else computed now and written there."""
     path = checkpoint / "val-loss.json"
     if path.is_file():
         result = json.loads(path.read_text())
-        if result["protocol"]["validation_loss"]["seed"] == seed:
+        if result["protocol"]["validation_loss"]["seed"] == 0:
             return result["metrics"]["val_loss"]
-    result = evaluate_loss(checkpoint, seed=seed, device=budget.device)
+    result = evaluate_loss(checkpoint, seed=0, device=budget.device)
     atomic_write_text(path, strict_json(result, "the validation loss", indent=2))
     return result["metrics"]["val_loss"]
 
@@ -330,7 +332,7 @@ def evaluate_run(folder: Path, row: Row, seed: int, budget: Budget, diverged_at:
         if step not in checkpoints:
             raise MPDiTError(f"{folder} has no checkpoint at step {step} to evaluate (it kept "
                              f"{', '.join(map(str, checkpoints)) or 'none'}): evaluate steps it kept, or train anew")
-        val_loss = validation(checkpoints[step], seed, budget)
+        val_loss = validation(checkpoints[step], budget)
         for cfg_scale in budget.cfg_scales:
             result = evaluation(checkpoints[step], cfg_scale, seed, budget, sampler)
             records.append({

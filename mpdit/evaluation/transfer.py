@@ -9,18 +9,18 @@ import re
 import statistics
 from pathlib import Path
 
-NAME = re.compile(r"^(?P<family>.+)-w(?P<width>\d+)@lr=(?P<lr>[0-9.e+-]+)$")
+NAME = re.compile(r"^(?P<family>.+)-w(?P<width>\d+)@lr=(?P<lr>[0-9.e+-]+)$")  # the width: the line's own
 
 
 def loss_curves(lines: list[dict], step: int) -> dict[str, dict[int, list[tuple[float, float]]]]:
     """{family: {width: [(lr, mean validation loss over seeds)], lrs ascending}} from summary lines at ``step``
-    (any guidance: the validation loss does not depend on it); rows named otherwise, or without a loss, are left
-    out."""
+    (any guidance: the validation loss does not depend on it), the width the row trained at (not the name's);
+    rows named otherwise, or without a loss, are left out."""
     curves: dict[str, dict[int, dict[float, float]]] = {}
     for line in lines:
         match = NAME.match(line["row"])
         if match and line["step"] == step and line["val_loss"] is not None:
-            family, width = match["family"], int(match["width"])
+            family, width = match["family"], int(line["width"])
             curves.setdefault(family, {}).setdefault(width, {})[float(line["lr"])] = line["val_loss"]
     return {family: {width: sorted(points.items()) for width, points in sorted(widths.items())}
             for family, widths in curves.items()}

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mpdit.data.datasets import ImageDataset, load_dataset, split_holdout
-from mpdit.diffusion.objectives import OBJECTIVE_FILE, Objective, ObjectiveConfig, fit_objective
+from mpdit.diffusion.objectives import OBJECTIVE_FILE, OBJECTIVES, Objective, ObjectiveConfig, fit_objective
 from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.files import read_json, remove_path, strict_json
 from mpdit.model.config import DiTConfig
@@ -105,7 +105,10 @@ class TrainConfig:
             raise MPDiTError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if not 0 <= self.holdout < 1:
             raise MPDiTError(f"the holdout fraction must be in [0, 1) (0: none), got {self.holdout}")
-        self.objective_config()
+        objective = self.objective_config()
+        if self.min_snr_gamma and not OBJECTIVES[objective.objective].min_snr:
+            raise MPDiTError(f"Min-SNR weights DDPM's epsilon loss; {objective.objective} trains with plain MSE: set "
+                             "--min-snr-gamma 0")
 
     def objective_config(self) -> ObjectiveConfig:
         """The run's objective (checked: an unknown name or a bad option is a one-line error)."""
@@ -258,7 +261,9 @@ class Trainer:
         self.eager_forward = net
         self.forward = torch.compile(net) if self.compiled else net
         self.telemetry = Telemetry(self.model)
-        self.held_out = None  # the held-out images of --val-every, loaded when first needed
+        # the held-out images of --val-every, loaded now so that a run without any fails before it starts
+        self.held_out = (held_out_data(cfg.data, model_cfg.input_size, cfg.holdout)
+                         if cfg.val_every and self.dist.is_main else None)
 
     def check_data_fits_model(self) -> None:
         shape, m = (self.data.channels, *self.data.resolution), self.model_cfg
@@ -445,8 +450,6 @@ class Trainer:
 
     def validation_loss(self) -> float:
         """The validation loss of the raw weights (mpdit.training.validation) on the run's held-out images."""
-        if self.held_out is None:
-            self.held_out = held_out_data(self.cfg.data, self.model_cfg.input_size, self.cfg.holdout)
         return validation_loss(self.model, self.objective, self.held_out, device=self.dist.device)["val_loss"]
 
     # --- the loop ---------------------------------------------------------------------------
@@ -530,7 +533,7 @@ class Trainer:
                           flush=True)
                 due = lambda every: bool(every) and self.step % every == 0  # noqa: E731
                 snapshot = bool(cfg.snapshot_every and self.power_ema) and due(cfg.snapshot_every)
-                validate = main and due(cfg.val_every)
+                validate = due(cfg.val_every)  # on every rank, so that all synchronise; computed on the main one
                 logged = due(cfg.log_every) or record or self.step == cfg.steps or validate
                 synchronised = logged or snapshot or due(cfg.ckpt_every)  # steps that read the device anyway
                 if synchronised:
