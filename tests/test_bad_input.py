@@ -140,6 +140,22 @@ CASES = [
     ("ema --run {run} --sigma-rel 0.07 --out {run}/checkpoints", 2, "which only its training run writes"),
     ("ema --run {run} --sigma-rel 0.07 --out {run}/ema_snapshots", 2, "which only its training run writes"),
     ("ema --run {run} --sigma-rel 0.07 --out {files}/export", 2, "holds an exported model (README.md)"),
+    # issue 23: objectives and DyT (the run is a DDPM MP model)
+    ("train --data {data} --objective score --out {out}/r", 2, "argument --objective: invalid choice: 'score'"),
+    ("train --data {data} --objective flow --time-sampling beta --out {out}/r", 2,
+     "argument --time-sampling: invalid choice: 'beta'"),
+    ("train --data {data} --norm rms --out {out}/r", 2, "argument --norm: invalid choice: 'rms'"),
+    ("train --data {data} --objective flow --logit-std 0 --out {out}/r", 2, "std must be a finite number > 0, got 0"),
+    ("train --data {data} --objective flow --logit-mean inf --out {out}/r", 2, "argument --logit-mean: inf is not"),
+    ("train --data {data} --objective flow --min-snr-gamma 5 --out {out}/r", 2, "flow trains with plain MSE"),
+    ("train --data {data} --norm dyt --out {out}/r", 2, "the no_layernorm switch (in mp all) removes them all"),
+    ("train --data {data} --width 48 --out {out}/r", 2, "width must be a multiple of the head dimension 32"),
+    ("train --resume {run} --objective flow", 2, "--objective cannot be given"),
+    ("sample --ckpt {run} --sampler heun --out {out}/x.png", 2, "unknown sampler 'heun' for a ddpm model"),
+    ("sample --ckpt {run} --time-shift 3 --out {out}/x.png", 2, "--time-shift shifts a flow model's sampling times"),
+    ("sample --ckpt {run} --time-shift 0 --out {out}/x.png", 2, "--time-shift must be a finite number > 0"),
+    ("sample --ckpt {run} --time-shift nan --out {out}/x.png", 2, "argument --time-shift: nan is not a finite"),
+    ("gradnoise --ckpt {run} --bins 1001 --out {out}/g.json", 2, "1 to 1000 bins"),
 ]
 
 

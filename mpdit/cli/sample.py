@@ -8,7 +8,7 @@ import torch
 from mpdit.cli.numbers import finite_float
 from mpdit.data.latents import DEFAULT_VAE, LatentDecoder
 from mpdit.diffusion.generate import DEFAULT_CFG_SCALE, device_of, generate, save_grid, save_npz
-from mpdit.diffusion.objectives import OBJECTIVES, check_time_shift, make_objective
+from mpdit.diffusion.objectives import OBJECTIVES, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.files import strict_json
 from mpdit.model.convert import load_official_checkpoint
@@ -21,7 +21,6 @@ def load_sampling_model(args, device: str):
     VAE). The sampler asked for, if any, is checked against the objective here, before any sampling."""
     if args.dit_checkpoint and args.ckpt:
         raise MPDiTError("give --ckpt (a run or checkpoint folder) or --dit-checkpoint (an official DiT .pt), not both")
-    check_time_shift(args.time_shift)
     if args.dit_checkpoint:
         model = load_official_checkpoint(args.dit_checkpoint, device, args.dit_num_classes)
         require_guidance_fits(model, args.cfg_scale, args.dit_checkpoint)
@@ -39,6 +38,7 @@ def load_sampling_model(args, device: str):
         source = {"checkpoint": str(checkpoint), "weights": weights} | ({"vae": decode.name} if decode else {})
     if args.sampler is not None:
         objective.check_sampler(args.sampler)
+    objective.check_time_shift(args.time_shift)
     return model, objective, decode, source | {"objective": objective.name}
 
 

@@ -41,6 +41,7 @@ def generate(model: MPDiT, labels: torch.Tensor, *, objective: Objective | None 
     """
     objective = objective or make_objective(None, model.config)
     sampler = objective.check_sampler(sampler or objective.default_sampler)
+    objective.check_time_shift(time_shift)
     if cfg_scale < 0:
         raise MPDiTError(f"guidance scale must be >= 0, got {cfg_scale}")
     if isinstance(steps, int) and steps < 1:

@@ -134,6 +134,10 @@ class Objective(ABC):
                              f"{', '.join(self.samplers)}")
         return sampler
 
+    def check_time_shift(self, shift: float) -> float:
+        """The time shift of a sampler of this objective (one line if it has none, or if it is not > 0)."""
+        return check_time_shift(shift)
+
     @abstractmethod
     def sample(self, net, shape, *, sampler: str, steps: int, generator: torch.Generator, device="cpu",
                progress=False, time_shift: float = 1.0) -> torch.Tensor:
@@ -205,9 +209,13 @@ class DDPMObjective(Objective):
         T = self.model_config.num_timesteps
         return [int((k + 0.5) * T / VALIDATION_LEVELS) for k in range(VALIDATION_LEVELS)]
 
-    def sample(self, net, shape, *, sampler, steps, generator, device="cpu", progress=False, time_shift=1.0):
-        if time_shift != 1:
+    def check_time_shift(self, shift):
+        if shift != 1:
             raise MPDiTError("--time-shift shifts a flow model's sampling times; this model is trained with ddpm")
+        return 1.0
+
+    def sample(self, net, shape, *, sampler, steps, generator, device="cpu", progress=False, time_shift=1.0):
+        self.check_time_shift(time_shift)
         return ddpm_family_sample(self.denoiser(net), shape, sampler=self.check_sampler(sampler), steps=steps,
                                   generator=generator, device=device, learn_sigma=self.model_config.learn_sigma,
                                   progress=progress)
@@ -287,7 +295,7 @@ class FlowObjective(Objective):
 
     def sample(self, net, shape, *, sampler, steps, generator, device="cpu", progress=False, time_shift=1.0):
         sampler = self.check_sampler(sampler)
-        grid = flow.time_grid(self.sampling_steps(steps), check_time_shift(time_shift))
+        grid = flow.time_grid(self.sampling_steps(steps), self.check_time_shift(time_shift))
         x = torch.randn(tuple(shape), generator=generator).to(device)
         velocity_fn = self.denoiser(net)
         if sampler == "euler-maruyama":
