@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny IDX dataset cut from the embedded MNIST, and a fast training config."""
 
 import gzip
+import os
+import socket
 import struct
 
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 import torch
 
 from mpdit.data.datasets import load_dataset
+from mpdit.model.config import DiTConfig
+from mpdit.training.train import TrainConfig, Trainer
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -15,6 +19,24 @@ def write_idx(path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def train_tiny_run(folder, data: str, steps: int, **options):
+    """A DiT-Nano/4 all-MP scale-rotation-gate run of ``steps`` steps on MNIST-shaped ``data``, batch 16, checkpointed
+    at its last step; returns ``folder``."""
+    model_cfg = DiTConfig.from_preset("DiT-Nano/4", input_size=28, in_channels=1, num_classes=10, mp="all",
+                                      conditioning="scale-rotation-gate")
+    Trainer(folder, model_cfg, TrainConfig(data=data, image_size=28, steps=steps, batch_size=16, ckpt_every=steps,
+                                           progress=False, **options)).run()
+    return folder
+
+
+def two_process_env() -> tuple[dict, int]:
+    """The environment and a free local port for a 2-process gloo run under torch.distributed.run."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}, port
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,18 +21,13 @@ from mpdit.model.convert import to_official
 from mpdit.model.dit import build_model
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.train import TrainConfig, Trainer
-from conftest import write_idx
+from conftest import train_tiny_run, write_idx
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_idx):
     """A tiny trained run (DiT-Nano/4, 2 steps) to point commands at."""
-    folder = tmp_path_factory.mktemp("bad_input_run")
-    model_cfg = DiTConfig.from_preset("DiT-Nano/4", input_size=28, in_channels=1, num_classes=10, mp="all",
-                                      conditioning="scale-rotation-gate")
-    Trainer(folder, model_cfg, TrainConfig(data=tiny_idx, image_size=28, steps=2, batch_size=16, ckpt_every=2,
-                                           progress=False)).run()
-    return folder
+    return train_tiny_run(tmp_path_factory.mktemp("bad_input_run"), tiny_idx, steps=2)
 
 
 @pytest.fixture(scope="module")

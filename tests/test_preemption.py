@@ -4,7 +4,6 @@ to resume and exit 143 (SIGTERM) or 75 (SIGUSR1); the resumed run is the same, b
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from mpdit.cli.main import main
 from mpdit.training import checkpoint as ckpt
 from mpdit.training.ema import list_snapshots
 from mpdit.training.train import STATE_FILE, Trainer
+from conftest import two_process_env
 from test_robust import compare_runs, strict_log
 from test_train import weights
 
@@ -137,10 +137,7 @@ def test_torchrun_ranks_stop_at_the_same_step(tmp_path, tiny_idx):
     ends where a run never stopped does (to float rounding: 2 processes sum the batch in another order)."""
     script = tmp_path / "rank_1_sigterm.py"
     script.write_text(RANK_1_SIGTERM)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    env, port = two_process_env()
     args = tiny_train(tiny_idx, steps=8)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           str(script), *args, "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env,

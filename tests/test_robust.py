@@ -16,6 +16,7 @@ from mpdit.training.ema import list_snapshots
 from mpdit.training.guard import DivergenceGuard, json_safe
 from mpdit.training.rundir import LOCK_FILE, RunLock, remove_leftovers, trim_log
 from mpdit.training.train import STATE_FILE, Trainer
+from conftest import two_process_env
 from test_train import configs, killed_run, main_raise, read_log, weights
 
 
@@ -628,10 +629,7 @@ def test_ddp_ranks_agree_on_a_step_one_rank_found_bad(tmp_path, tiny_idx):
     are all-reduced before the guard looks), so they stay in sync (checked at every checkpoint) and finish."""
     script = tmp_path / "one_rank_nan.py"
     script.write_text(ONE_RANK_NAN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    env, port = two_process_env()
     run = tmp_path / "run"
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           str(script), "train", "--data", tiny_idx, "--model", "DiT-Nano/4", "--batch-size", "16",

@@ -10,9 +10,8 @@ import torch
 from mpdit.cli import quickstart
 from mpdit.cli.main import build_parser, main
 from mpdit.errors import MPDiTError
-from mpdit.model.config import DiTConfig
 from mpdit.training.checkpoint import list_checkpoints
-from mpdit.training.train import TrainConfig, Trainer
+from conftest import train_tiny_run
 
 
 def call(argv):
@@ -23,12 +22,7 @@ def call(argv):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_idx):
-    folder = tmp_path_factory.mktemp("run")
-    model_cfg = DiTConfig.from_preset("DiT-Nano/4", input_size=28, in_channels=1, num_classes=10, mp="all",
-                                      conditioning="scale-rotation-gate")
-    Trainer(folder, model_cfg, TrainConfig(data=tiny_idx, image_size=28, steps=4, batch_size=16, t_ref=100,
-                                           ckpt_every=4, progress=False)).run()
-    return folder
+    return train_tiny_run(tmp_path_factory.mktemp("run"), tiny_idx, steps=4, t_ref=100)
 
 
 def test_sample_writes_grid_and_adm_npz_deterministically(run_dir, tmp_path, capsys):
