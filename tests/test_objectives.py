@@ -54,8 +54,9 @@ def test_t_zero_and_one_give_finite_model_inputs():
     t = torch.tensor([0.0, 1e-9, 0.5, 1 - 1e-9, 1.0])
     c_noise = flow.log_sigma_input(t)
     assert bool(torch.isfinite(c_noise).all()) and c_noise[2] == 0  # sigma = 1 at t = 1/2
-    assert c_noise[0] == pytest.approx(math.log(1e-4) / 4, rel=1e-5) and c_noise[-1] == pytest.approx(math.log(1e4) / 4,
+    assert c_noise[0] == pytest.approx(math.log(1e-2) / 4, rel=1e-5) and c_noise[-1] == pytest.approx(math.log(1e2) / 4,
                                                                                                          rel=1e-5)
+    assert c_noise[3] == c_noise[-1]  # t = 1 - 1e-9 and t = 1 meet the clamp
     c_in = flow.input_scale(t, 0.5)
     assert bool(torch.isfinite(c_in).all()) and c_in[0] == pytest.approx(2.0) and c_in[-1] == pytest.approx(1.0)
     # c_in brings x_t of data with RMS sigma_data to unit RMS
