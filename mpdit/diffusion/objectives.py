@@ -173,6 +173,7 @@ class DDPMObjective(Objective):
         self.log_sigma = model_config.has("mp_embedding") and model_config.timestep_input == "log-sigma"
         self.raw = model_config.has("mp_embedding") and model_config.timestep_input == "raw"
         self.c_noise = noise_conditioning(model_config.num_timesteps) if self.log_sigma else None
+        self.c_noise_on = {}  # the table per device, copied there once (not at every training step)
 
     def draw_times(self, n, generator):
         return torch.randint(0, self.model_config.num_timesteps, (n,), generator=generator)
@@ -184,7 +185,9 @@ class DDPMObjective(Objective):
             return t.float()
         if not self.log_sigma:
             return t
-        table = self.c_noise.to(t.device)
+        if t.device not in self.c_noise_on:
+            self.c_noise_on[t.device] = self.c_noise.to(t.device)
+        table = self.c_noise_on[t.device]
         if not t.is_floating_point():
             return table[t.clamp(0, len(table) - 1)]
         t = t.clamp(0, len(table) - 1)

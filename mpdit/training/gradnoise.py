@@ -18,6 +18,7 @@ import torch
 from mpdit.diffusion.objectives import Objective
 from mpdit.errors import MPDiTError
 from mpdit.model.dit import MPDiT
+from mpdit.training.train import noised_batch
 
 
 class GradientMoments:
@@ -56,11 +57,7 @@ def flat_gradient(model: MPDiT) -> torch.Tensor:
 def batch_gradient(model: MPDiT, objective: Objective, data, index: torch.Tensor, t: torch.Tensor,
                    generator: torch.Generator, *, min_snr_gamma: float, device) -> torch.Tensor:
     """The gradient of the training loss (as the trainer computes it, label dropout included) on one batch."""
-    noise = torch.randn((len(index), data.channels, *data.resolution), generator=generator)
-    cfg = model.config
-    drop = torch.rand(len(index), generator=generator) < cfg.class_dropout_prob
-    y = torch.where(drop, cfg.num_classes, data.labels[index])
-    x0 = data.model_batch(index, generator)
+    x0, y, noise = noised_batch(data, index, model.config, generator)
     x0, y, t, noise = (v.to(device) for v in (x0, y, t, noise))
     model.zero_grad(set_to_none=True)
     losses = objective.training_losses(lambda x, s: model(x, s, y), x0, t, noise, min_snr_gamma=min_snr_gamma)

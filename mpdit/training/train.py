@@ -207,14 +207,20 @@ def global_batch(data: ImageDataset, cfg: TrainConfig, objective: Objective, ste
     t are the objective's times (DDPM: integer steps), drawn first from the step's generator; the data's own draws
     (a latent dataset's eps) come from it after t, noise and dropout.
     """
-    model_cfg = objective.model_config
     idx = batch_indices(len(data), cfg.batch_size, cfg.seed, step)
     gen = step_generator(cfg.seed, step, stream=1)
     t = objective.draw_times(len(idx), gen)
-    noise = torch.randn((len(idx), data.channels, *data.resolution), generator=gen)
-    drop = torch.rand(len(idx), generator=gen) < model_cfg.class_dropout_prob
-    y = torch.where(drop, model_cfg.num_classes, data.labels[idx])
-    return data.model_batch(idx, gen), y, t, noise
+    x0, y, noise = noised_batch(data, idx, objective.model_config, gen)
+    return x0, y, t, noise
+
+
+def noised_batch(data: ImageDataset, index: torch.Tensor, model_cfg: DiTConfig, generator: torch.Generator):
+    """(x0 in model space, labels with dropout to the null class, noise) for the images at ``index``: the noise, the
+    dropout and then the data's own draws taken from ``generator`` in that order (after the batch's times)."""
+    noise = torch.randn((len(index), data.channels, *data.resolution), generator=generator)
+    drop = torch.rand(len(index), generator=generator) < model_cfg.class_dropout_prob
+    y = torch.where(drop, model_cfg.num_classes, data.labels[index])
+    return data.model_batch(index, generator), y, noise
 
 
 def weight_decay_groups(model: MPDiT, weight_decay: float) -> list[dict]:
