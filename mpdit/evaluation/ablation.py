@@ -97,13 +97,12 @@ class Row:
         attention_output_setting(self.attention_output, parse_mp(self.mp))
         if self.seeds is not None and self.seeds < 1:
             raise MPDiTError(f"seeds must be >= 1 (or left out for the grid's default), got {self.seeds}")
-        ObjectiveConfig(self.objective, self.time_sampling, self.logit_mean, self.logit_std)
         if self.precision not in (None, "fp32", "bf16"):
             raise MPDiTError(f"unknown precision '{self.precision}': choose fp32 or bf16 (or leave it out)")
         if self.zero_init not in ZERO_INIT:
             raise MPDiTError(f"zero_init must be on or off (or left out), got {self.zero_init!r}")
-        OBJECTIVES[self.objective](ObjectiveConfig(**self.objective_options(), sigma_data=1.0),
-                                   DiTConfig(**self.model_overrides()))  # switches, norm, zero init, objective fit
+        objective = ObjectiveConfig(**self.objective_options(), sigma_data=1.0)  # a known objective, good options
+        OBJECTIVES[objective.objective](objective, DiTConfig(**self.model_overrides()))  # and a model that fits it
 
     def model_overrides(self) -> dict:
         """The DiTConfig fields this row sets (besides the budget's model and the data's shape)."""
