@@ -24,12 +24,10 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 from diffusers.utils.torch_utils import randn_tensor
 
 from mpdit.data.latents import LatentDecoder, load_vae
-from mpdit.diffusion.objectives import Objective, ObjectiveConfig, make_objective
+from mpdit.diffusion.objectives import DIT_SCHEDULE, Objective, ObjectiveConfig, make_objective
 from mpdit.errors import MPDiTError
 from mpdit.model.dit import MPDiT
 
-DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                    prediction_type="epsilon")
 SCHEDULERS = {"ddpm": (DDPMScheduler, dict(clip_sample=False, variance_type="fixed_small")),
               "ddim": (DDIMScheduler, dict(clip_sample=False)),
               "dpm": (DPMSolverMultistepScheduler, {})}

@@ -24,6 +24,9 @@ from mpdit.errors import MPDiTError, dataclass_from_dict
 from mpdit.model.config import DiTConfig
 
 OBJECTIVE_FILE = "objective.json"  # a checkpoint's objective (ObjectiveConfig.to_dict())
+# DiT's diffusion as diffusers schedulers are configured (MPDiTPipeline, an export's scheduler config)
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                    prediction_type="epsilon")
 VALIDATION_LEVELS = 10  # the validation loss's fixed noise levels: midpoints of 10 equal bins of the objective's time
 
 
@@ -227,9 +230,8 @@ class DDPMObjective(Objective):
         return len(space_timesteps(self.model_config.num_timesteps, steps))
 
     def scheduler_config(self):
-        return {"_class_name": "DDIMScheduler", "num_train_timesteps": self.model_config.num_timesteps,
-                "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon",
-                "clip_sample": False}
+        return {"_class_name": "DDIMScheduler", **DIT_SCHEDULE,
+                "num_train_timesteps": self.model_config.num_timesteps, "clip_sample": False}
 
     def set_scheduler_timesteps(self, scheduler, steps, device):
         scheduler.set_timesteps(steps, device=device)
