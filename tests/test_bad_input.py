@@ -150,6 +150,7 @@ CASES = [
     ("sample --ckpt {run} --time-shift 3 --out {out}/x.png", 2, "--time-shift shifts a flow model's sampling times"),
     ("sample --ckpt {run} --time-shift nan --out {out}/x.png", 2, "argument --time-shift: nan is not a finite"),
     ("gradnoise --ckpt {run} --bins 1001 --out {out}/g.json", 2, "1 to 1000 bins"),
+    ("gradnoise --ckpt {run} --out {run}/checkpoints/step-0000002/config.json", 2, "would replace config.json"),
 ]
 
 

@@ -15,6 +15,7 @@ from mpdit.diffusion.generate import device_of
 from mpdit.files import strict_json
 from mpdit.training.checkpoint import checkpoint_objective, load_checkpoint_model, run_data_spec, run_train_config
 from mpdit.training.gradnoise import gradient_noise_scale
+from mpdit.training.outputs import refuse_needed_file
 
 
 def describe(scale: dict) -> str:
@@ -23,6 +24,8 @@ def describe(scale: dict) -> str:
 
 
 def run(args) -> int:
+    if args.out:
+        refuse_needed_file(args.out, "--out")
     device = device_of(args.device)
     model, checkpoint, weights = load_checkpoint_model(args.ckpt, args.weights, device)
     objective = checkpoint_objective(checkpoint, model)
