@@ -58,6 +58,9 @@ def test_tiny_grid_writes_results_and_skips_finished_runs(tmp_path, tiny_idx, ca
              only={"dit"})
     assert log_length(tmp_path / "runs/dit/seed-0") == before and not (tmp_path / "runs/mp-ssg").exists()
     assert (tmp_path / "results.csv").read_text() == first
+    (tmp_path / "results.md").unlink()  # --report (only=set()): the results files again, from the records alone
+    run_grid(tmp_path, ROWS + [Row("mp-ssg", "all", "scale-shift-gate")], budget(tiny_idx), only=set())
+    assert (tmp_path / "results.md").read_text() == table and not (tmp_path / "runs/mp-ssg").exists()
     with pytest.raises(MPDiTError, match="no grid row is named nope: the rows are dit, mp-srg"):
         run_grid(tmp_path, ROWS, budget(tiny_idx), only={"nope"})
     # a finished run carried without its weights (as a committed grid folder is) keeps its records
@@ -367,28 +370,65 @@ def test_flow_dyt_and_width_rows_with_validation_loss_beside_old_records(tmp_pat
 
 
 def test_lr_transfer_finds_each_widths_best_lr_and_its_shift(tmp_path):
-    from mpdit.evaluation.transfer import best_lrs, loss_curves, plot_transfer, shift_per_doubling, transfer_markdown
+    from mpdit.evaluation.transfer import best_lrs, loss_curves, plot_transfer, scored_points, shift_per_doubling
 
-    def line(family, width, lr, loss, step=2000):
-        return {"row": f"{family}-w{width}@lr={lr:g}", "lr": lr, "step": step, "val_loss": loss, "width": width}
+    def line(family, width, lr, loss, step=2000, fd=100.0):
+        return {"row": f"{family}-w{width}@lr={lr:g}", "lr": lr, "step": step, "val_loss": loss, "width": width,
+                "fd_mean": fd}
 
     # family a: the best lr falls by a decade (2 half-decades) per doubling; family b: it stays at 1e-2
     lines = [line("a", 64, lr, abs(math.log10(lr) + 2)) for lr in (1e-3, 1e-2, 1e-1)]
     lines += [line("a", 128, lr, abs(math.log10(lr) + 3)) for lr in (1e-4, 1e-3, 1e-2)]
     lines += [line("b", w, lr, abs(math.log10(lr) + 2) + 1 / w) for w in (64, 128, 256) for lr in (1e-3, 1e-2, 3e-2)]
-    lines += [line("a", 64, 1e-2, 9.0, step=1000), {"row": "other", "lr": 1.0, "step": 2000, "val_loss": 0.0, "width": 64},
-              line("c", 64, 1e-2, None)]
-    curves = loss_curves(lines, 2000)
+    lines += [line("a", 64, 1e-2, 9.0, step=1000), {"row": "other", "lr": 1.0, "step": 2000, "val_loss": 0.0,
+                                                     "width": 64, "fd_mean": 1.0}, line("c", 64, 1e-2, None)]
+    curves = loss_curves(scored_points(lines, 2000))
     assert set(curves) == {"a", "b"}
     best = best_lrs(curves)
     assert best["a"][64]["lr"] == 1e-2 and best["a"][128]["lr"] == 1e-3 and not best["a"][64]["edge"]
-    assert shift_per_doubling(best["a"]) == pytest.approx(-2.0) and shift_per_doubling(best["b"]) == pytest.approx(0)
+    assert best["a"][64]["fitted"] == pytest.approx(1e-2)  # a symmetric V: the vertex is the middle point
+    assert shift_per_doubling({w: b["lr"] for w, b in best["a"].items()}) == pytest.approx(-2.0)
+    assert shift_per_doubling({w: b["lr"] for w, b in best["b"].items()}) == pytest.approx(0)
     assert best["b"][256]["val_loss"] == pytest.approx(1 / 256)
-    edge = loss_curves([line("d", 64, lr, lr) for lr in (1e-3, 1e-2, 1e-1)], 2000)
-    assert best_lrs(edge)["d"][64] == {"lr": 1e-3, "val_loss": 1e-3, "edge": True}
-    text = transfer_markdown(curves, 2000)
-    assert "| a | 0.01 (0.0000) | 0.001 (0.0000) |  | -2.00 |" in text and "0.001* (" in transfer_markdown(edge, 2000)
-    assert plot_transfer(curves, tmp_path / "t.png", 2000).stat().st_size > 1000
+    edge = best_lrs(loss_curves(scored_points([line("d", 64, lr, lr) for lr in (1e-3, 1e-2, 1e-1)], 2000)))
+    assert edge["d"][64] == {"lr": 1e-3, "val_loss": 1e-3, "edge": True, "fitted": None}
+    assert plot_transfer(scored_points(lines, 2000), tmp_path / "t.png", 2000).stat().st_size > 1000
+
+
+def test_lr_transfer_interpolates_the_optimum_and_counts_a_diverged_run_as_bracketing_it():
+    from mpdit.evaluation.transfer import best_lrs, loss_curves, parabola_vertex, scored_points
+
+    assert parabola_vertex((-1.0, 4.125), (0.0, 1.125), (2.0, 7.125)) == pytest.approx(0.25)  # 2 (x - 1/4)^2 + 1
+    assert parabola_vertex((0.0, 2.0), (1.0, 1.0), (3.0, 5.0)) == pytest.approx(1.0)  # y = (x-1)^2 + 1
+    lines = [{"row": f"m-w64@lr={lr:g}", "lr": lr, "step": 2000, "val_loss": loss, "width": 64, "fd_mean": 1.0}
+             for lr, loss in ((1e-3, 0.5), (1e-2, 0.2), (1e-1, 0.3))]
+    lines.append({"row": "m-w64@lr=1", "lr": 1.0, "step": 1000, "val_loss": 9.0, "width": 64, "fd_mean": 1.0})
+    without = best_lrs(loss_curves(scored_points(lines[:2] + lines[3:], 2000)))["m"][64]
+    assert without["lr"] == 1e-2 and without["edge"]  # the larger lrs: one unscored, so 1e-2 only bounds the optimum
+    points = scored_points(lines, 2000, diverged={"m-w64@lr=1"})
+    assert points["m", 64, 1.0]["val_loss"] == math.inf
+    best = best_lrs(loss_curves(points))["m"][64]
+    # through (-3, 0.5), (-2, 0.2), (-1, 0.3), one apart: the vertex at x1 + (y0 - y2) / (2 (y0 - 2 y1 + y2))
+    assert not best["edge"] and math.log10(best["fitted"]) == pytest.approx(-2 + 0.2 / 0.8)
+
+
+def test_lr_transfer_tables_the_lr_tuned_narrow_used_wide():
+    from mpdit.evaluation.transfer import scored_points, transfer_markdown
+
+    def line(width, lr, loss, fd, cfg=3):
+        return {"row": f"f-w{width}@lr={lr:g}", "lr": lr, "step": 2000, "val_loss": loss, "width": width,
+                "fd_mean": fd, "cfg_scale": cfg}
+
+    lines = [line(64, 1e-3, 0.5, 50), line(64, 1e-2, 0.2, 20), line(64, 1e-1, 0.4, 40),
+             line(256, 1e-3, 0.15, 15), line(256, 1e-2, 0.12, 16), line(256, 1e-2, 0.12, 12, cfg=6),
+             line(256, 1e-1, 0.3, 30), line(128, 1e-3, 0.3, 30), line(128, 3e-3, 0.25, 25)]
+    text = transfer_markdown(scored_points(lines, 2000, diverged={"f-w128@lr=0.01"}), 2000)
+    assert "| f | 64 | 0.01 | 128 | diverged |" in text
+    assert "| f | 64 | 0.01 | 256 | 0.1200 (0.1200) | +0.0% | 12 (12) | +0.0% |" in text  # FD at its best guidance
+    lines[4]["val_loss"] = lines[5]["val_loss"] = 0.18  # now 1e-3 is width 256's best
+    text = transfer_markdown(scored_points(lines, 2000), 2000)
+    assert "| f | 64 | 0.01 | 256 | 0.1800 (0.1500) | +20.0% | 12 (15) | -20.0% |" in text
+    assert "| f | 64 | 0.01 | 128 | not run |" in text and "| f | 0.01 (0.2000; fit" in text
 
 
 def test_flow_rows_refuse_a_min_snr_budget_and_rows_set_their_precision(tmp_path):

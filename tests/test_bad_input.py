@@ -81,6 +81,8 @@ CASES = [
     ("train --resume {run} --lr 0.1", 2, "--resume continues a run as it was set up, so --lr cannot be given"),
     ("train --data {data} --steps abc --out {out}/r", 2, "argument --steps: invalid int value: 'abc'"),
     ("ablate --grid {out}/missing.json --out {out}/g", 2, "no grid file at"),
+    ("ablate --preset paper --report --out {out}/g", 2, "holds no runs to report: run the grid first"),
+    ("ablate --preset paper --report --only dit --out {out}/g", 2, "give --report or --only, not both"),
     ("sample --ckpt {run} --classes 3,12 --out {out}/x.png", 2, "class 12 is out of range"),
     ("eval --ckpt {run} --num 0 --out {out}/e.json", 2, "--num must be >= 1"),
     ("bench --variants all-rotation", 2, "should look like mp:conditioning"),

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mpdit.cli.main import main
+from mpdit.errors import MPDiTError
+from mpdit.evaluation.noise_scales import write_noise_report
 from mpdit.training.gradnoise import GradientMoments
 
 
@@ -37,7 +39,38 @@ def test_gradnoise_command_reports_total_and_bins(tmp_path, tiny_idx, capsys):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["objective"] == "flow" and result["weights"] == "raw" and len(result["bins"]) == 2
+    assert result["step"] == 2
     assert result["bins"][0]["range"] == [0.0, 0.5] and result["total"]["trace_sigma"] > 0
     assert json.loads((run / "checkpoints/step-0000002/gradnoise.json").read_text())["total"] == result["total"]
     assert main(["gradnoise", "--ckpt", str(run), "--batches", "1"]) == 2
     assert "needs --batches >= 2" in capsys.readouterr().err
+
+
+def test_noise_report_summarizes_seeds_per_objective_row_and_step(tmp_path):
+    def result(objective, row, seed, step, total, bins, batches=32):
+        path = tmp_path / objective / row / f"seed-{seed}" / f"step-{step}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"objective": objective, "batches": batches, "batch_size": 64, "weights": "raw",
+                                    "total": {"b_simple": total},
+                                    "bins": [{"range": [k / 2, (k + 1) / 2], "b_simple": b} for k, b in enumerate(bins)]}))
+        return path
+
+    result("flow", "mp", 0, 1000, 10.0, [1.0, 100.0])
+    result("flow", "mp", 1, 1000, 14.0, [3.0, None])  # a bin whose |G|^2 was not measurable
+    result("flow", "dit", 0, 1000, 20.0, [2.0, 200.0])
+    result("ddpm", "dit", 0, 2000, 5.0, [0.5, 50.0])
+    (tmp_path / "ddpm-runs").mkdir()
+    (tmp_path / "ddpm-runs" / "grid.json").write_text("{}")  # not in the layout: left alone
+    text = write_noise_report(tmp_path).read_text()
+    assert "32 batches of 64, raw weights" in text
+    assert "| mp | 1,000 | 2 | 12 ± 2.8 | 2 ± 1.4 | 100 (1 not measurable) |" in text
+    assert "| dit | 1,000 | 1 | 20 | 2 | 200 |" in text and text.index("### ddpm") < text.index("### flow")
+    assert (tmp_path / "noise-scale.png").stat().st_size > 1000
+    result("flow", "mp", 2, 1000, 1.0, [1.0, 1.0], batches=8)
+    with pytest.raises(MPDiTError, match="mixes measurements of different protocols"):
+        write_noise_report(tmp_path)
+    result("ddpm", "mp", 2, 1000, 1.0, [1.0, 1.0]).rename(tmp_path / "flow/mp/seed-2/step-1000.json")
+    with pytest.raises(MPDiTError, match="holds a ddpm measurement but lies under flow/"):
+        write_noise_report(tmp_path)
+    with pytest.raises(MPDiTError, match="holds no gradient noise results"):
+        write_noise_report(tmp_path / "ddpm-runs")

@@ -1,6 +1,7 @@
 """`mpdit ablate`: train and evaluate a grid of configurations with equal budget and several seeds,
 then write OUT/results.csv and OUT/results.md. Re-run the same command to continue a grid: finished
-runs are skipped and interrupted ones resume from their last checkpoint. SIGTERM or SIGUSR1 (a cluster's
+runs are skipped and interrupted ones resume from their last checkpoint; --report rewrites the results files from
+the finished runs alone. SIGTERM or SIGUSR1 (a cluster's
 preemption) during training stops the grid after the current step with a checkpoint, with exit status 143 or 75
 (docs/cluster.md).
 
@@ -40,11 +41,18 @@ def run(args) -> int:
         rows = [replace(row, lr=args.shared_lr, schedule=args.shared_schedule) for row in rows]
     if args.lr_sweep:
         rows = with_lr_sweep(rows, list(args.lr_sweep))
+    if args.report and args.only:
+        raise MPDiTError("give --report or --only, not both: --report trains and evaluates no row")
+    if args.report and not (Path(args.out) / "runs").is_dir():
+        raise MPDiTError(f"{args.out} holds no runs to report: run the grid first (without --report)")
+    only = set() if args.report else set(args.only.split(",")) if args.only else None
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget) if getattr(args, f.name) is not None}
     budget = dataclass_from_dict(Budget, {**file_budget, **given}, "budget option")
     with resumed_by("the same mpdit ablate command again"):  # a stop comes after the current run's checkpoint
-        best = run_grid(args.out, rows, budget, only=set(args.only.split(",")) if args.only else None)
+        best = run_grid(args.out, rows, budget, only=only)
     table = Path(args.out) / "results.md"
+    if not best and not table.is_file():
+        raise MPDiTError(f"{args.out} holds no finished run of this grid and budget to report: run the grid first")
     print(table.read_text())
     print(f"{len(best)} rows; results in {Path(args.out) / 'results.csv'} and {table}")
     return 0
@@ -62,6 +70,8 @@ def register(subparsers) -> None:
                              "distinct ignoring case")
     parser.add_argument("--only", default=None, help="comma list of the rows to train and evaluate; the results "
                         "still report every finished run of the grid in --out")
+    parser.add_argument("--report", action="store_true", help="train and evaluate nothing: rewrite the results "
+                        "files (results.csv, results.md, plots) from the finished runs in --out")
     parser.add_argument("--out", required=True, help="grid folder")
     parser.add_argument("--model", default=None, help=f"default {DEFAULTS.model}")
     parser.add_argument("--data", default=None, help=f"default {DEFAULTS.data}")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from mpdit.data.datasets import load_dataset
 from mpdit.diffusion.generate import device_of
-from mpdit.files import strict_json
-from mpdit.training.checkpoint import checkpoint_objective, load_checkpoint_model, run_data_spec, run_train_config
+from mpdit.files import atomic_write_text, strict_json
+from mpdit.training.checkpoint import (checkpoint_objective, checkpoint_step, load_checkpoint_model, run_data_spec,
+                                       run_train_config)
 from mpdit.training.gradnoise import gradient_noise_scale
 from mpdit.training.outputs import refuse_needed_file
 
@@ -33,10 +34,11 @@ def run(args) -> int:
     min_snr_gamma = run_train_config(checkpoint).get("min_snr_gamma", 0.0)
     result = gradient_noise_scale(model, objective, data, batches=args.batches, batch_size=args.batch_size,
                                   bins=args.bins, seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
-    result = {"checkpoint": str(checkpoint), "weights": weights, "objective": objective.name,
+    result = {"checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint), "weights": weights,
+              "objective": objective.name,
               "min_snr_gamma": min_snr_gamma, **result}
     out = Path(args.out) if args.out else checkpoint / "gradnoise.json"
-    out.write_text(strict_json(result, "the gradient noise scale", indent=2))
+    atomic_write_text(out, strict_json(result, "the gradient noise scale", indent=2))
     if args.json:
         print(strict_json(result | {"written_to": str(out)}, "the gradient noise scale"))
         return 0

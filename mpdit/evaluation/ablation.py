@@ -35,7 +35,7 @@ from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig
 from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.evaluation.evaluate import evaluate, evaluate_loss
-from mpdit.evaluation.transfer import loss_curves, plot_transfer, transfer_markdown
+from mpdit.evaluation.transfer import plot_transfer, scored_points, transfer_markdown
 from mpdit.files import read_json, read_json_lines, strict_json
 from mpdit.model.config import (MP_SWITCHES, ZERO_INIT, DiTConfig, attention_output_setting, parse_mp,
                                 width_overrides)
@@ -603,9 +603,10 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
             from mpdit.evaluation.plots import plot_curves
 
             plot_curves(best_guidance(lines), out / "curves.png")
-        curves = loss_curves(lines, budget.steps)  # rows named FAMILY-wWIDTH@lr=LR
-        if curves:
-            text += transfer_markdown(curves, budget.steps)
-            plot_transfer(curves, out / "lr-transfer.png", budget.steps)
+        diverged = {name for name, _, run in runs if "diverged" in run}
+        points = scored_points(lines, budget.steps, diverged)  # rows named FAMILY-wWIDTH@lr=LR
+        if points:
+            text += transfer_markdown(points, budget.steps)
+            plot_transfer(points, out / "lr-transfer.png", budget.steps)
     (out / "results.md").write_text(text + diverged_table(runs))
     return best

@@ -1,7 +1,11 @@
 """Learning-rate transfer across widths: for a grid whose rows are named FAMILY-wWIDTH@lr=LR (docs/grids/width-lr.json),
 each family's validation loss against the learning rate with one curve per width (the muP figure), the best lr per
-width, and how far it moves per doubling of the width (a least-squares slope of log10(best lr) on log2(width), in
-half-decades). A best lr at the edge of its width's lr grid is marked: it only bounds the optimum.
+width, how far it moves per doubling of the width, and what the lr tuned at the smallest width costs at the wider ones.
+
+A run that diverged before the scored step counts as a loss of infinity at its lr: it brackets the optimum from
+above. A best lr at the edge of its width's lr grid is marked: it only bounds the optimum. Between two finite
+neighbours the optimum is also interpolated (the vertex of the parabola through the three points in
+(log10 lr, loss)), so that a shift smaller than the grid's half-decade step still shows in the fitted slope.
 """
 
 import math
@@ -12,75 +16,150 @@ from pathlib import Path
 NAME = re.compile(r"^(?P<family>.+)-w(?P<width>\d+)@lr=(?P<lr>[0-9.e+-]+)$")  # the width: the line's own
 
 
-def loss_curves(lines: list[dict], step: int) -> dict[str, dict[int, list[tuple[float, float]]]]:
-    """{family: {width: [(lr, mean validation loss over seeds)], lrs ascending}} from summary lines at ``step``
-    (any guidance: the validation loss does not depend on it), the width the row trained at (not the name's);
-    rows named otherwise, or without a loss, are left out."""
-    curves: dict[str, dict[int, dict[float, float]]] = {}
+def scored_points(lines: list[dict], step: int, diverged: set[str] = frozenset()) -> dict[tuple[str, int, float], dict]:
+    """{(family, width, lr): {"val_loss", "fd"}} at ``step``: the validation loss (mean over seeds; it does not depend
+    on the guidance) and the best guidance's mean FD, at the width the row trained at (not the name's). Rows in
+    ``diverged`` without a line at ``step`` (every seed stopped before it) score a loss and FD of infinity; rows
+    named otherwise, or without a loss, are left out."""
+    points: dict[tuple[str, int, float], dict] = {}
+    widths: dict[str, int] = {}
     for line in lines:
         match = NAME.match(line["row"])
-        if match and line["step"] == step and line["val_loss"] is not None:
-            family, width = match["family"], int(line["width"])
-            curves.setdefault(family, {}).setdefault(width, {})[float(line["lr"])] = line["val_loss"]
-    return {family: {width: sorted(points.items()) for width, points in sorted(widths.items())}
-            for family, widths in curves.items()}
+        if not match:
+            continue
+        widths[line["row"]] = int(line["width"])
+        if line["step"] == step and line["val_loss"] is not None:
+            key = (match["family"], int(line["width"]), float(line["lr"]))
+            fd = min(line["fd_mean"], points[key]["fd"]) if key in points else line["fd_mean"]
+            points[key] = {"val_loss": line["val_loss"], "fd": fd}
+    for name in diverged:
+        match = NAME.match(name)
+        if match:
+            key = (match["family"], widths.get(name, int(match["width"])), float(match["lr"]))
+            points.setdefault(key, {"val_loss": math.inf, "fd": math.inf})
+    return points
+
+
+def loss_curves(points: dict[tuple[str, int, float], dict]) -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """{family: {width: [(lr, validation loss)], lrs ascending}}, families and widths ascending, from scored_points."""
+    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for family, width, lr in sorted(points):
+        curves.setdefault(family, {}).setdefault(width, []).append((lr, points[family, width, lr]["val_loss"]))
+    return curves
+
+
+def parabola_vertex(p0: tuple[float, float], p1: tuple[float, float], p2: tuple[float, float]) -> float:
+    """The x of the vertex of the parabola through three points with x0 < x1 < x2 and y1 below y0 and y2."""
+    (x0, y0), (x1, y1), (x2, y2) = p0, p1, p2
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1))  # y = a x^2 + b x + c, both times (x0-x1)(x0-x2)(x1-x2)
+    b = (x2 ** 2 * (y0 - y1) + x1 ** 2 * (y2 - y0) + x0 ** 2 * (y1 - y2))
+    return -b / (2 * a)
 
 
 def best_lrs(curves: dict) -> dict[str, dict[int, dict]]:
-    """{family: {width: {"lr", "val_loss", "edge"}}}: the lr of the lowest loss at each width; edge: it is the
-    smallest or largest lr run at that width (with 3 or more lrs run), so the optimum may lie beyond it."""
+    """{family: {width: {"lr", "val_loss", "edge", "fitted"}}}: the lr of the lowest finite loss at each width; edge:
+    it is the smallest or largest lr run at that width (or under 3 lrs were run), so the optimum may lie beyond it;
+    fitted: the interpolated optimum lr where both neighbours are finite, else None. Widths with no finite loss
+    are left out."""
     best = {}
     for family, widths in curves.items():
         for width, points in widths.items():
-            i = min(range(len(points)), key=lambda k: points[k][1])
-            best.setdefault(family, {})[width] = {"lr": points[i][0], "val_loss": points[i][1],
-                                                  "edge": len(points) < 3 or i in (0, len(points) - 1)}
+            finite = [k for k in range(len(points)) if math.isfinite(points[k][1])]
+            if not finite:
+                continue
+            i = min(finite, key=lambda k: points[k][1])
+            edge = len(points) < 3 or i in (0, len(points) - 1)
+            fitted = None
+            if not edge and math.isfinite(points[i - 1][1]) and math.isfinite(points[i + 1][1]):
+                logs = [(math.log10(lr), loss) for lr, loss in points[i - 1:i + 2]]
+                fitted = 10 ** parabola_vertex(*logs)
+            best.setdefault(family, {})[width] = {"lr": points[i][0], "val_loss": points[i][1], "edge": edge,
+                                                  "fitted": fitted}
     return best
 
 
-def shift_per_doubling(best: dict[int, dict]) -> float | None:
-    """The least-squares slope of 2 log10(best lr) on log2(width): half-decades the best lr moves per width doubling
-    (None with fewer than two widths)."""
-    if len(best) < 2:
+def shift_per_doubling(lrs: dict[int, float]) -> float | None:
+    """The least-squares slope of 2 log10(lr) on log2(width) over {width: lr}: half-decades the best lr moves per
+    width doubling (None with fewer than two widths)."""
+    if len(lrs) < 2:
         return None
-    x = [math.log2(width) for width in best]
-    y = [2 * math.log10(b["lr"]) for b in best.values()]
+    x = [math.log2(width) for width in lrs]
+    y = [2 * math.log10(lr) for lr in lrs.values()]
     mx, my = statistics.fmean(x), statistics.fmean(y)
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
 
 
-def transfer_markdown(curves: dict, step: int) -> str:
-    """results.md's section: each family's best lr and loss per width and its shift per width doubling."""
+def signed(value: float | None) -> str:
+    return "" if value is None else f"{value:+.2f}"
+
+
+def transfer_markdown(points: dict[tuple[str, int, float], dict], step: int) -> str:
+    """results.md's section: each family's best lr and loss per width, its shift per width doubling, and the lr
+    tuned at the smallest width trained at the wider ones."""
+    curves = loss_curves(points)
     best = best_lrs(curves)
-    out = [f"\n### Learning-rate transfer across widths (validation loss at step {step:,})\n",
-           "Best lr per width (* at the edge of the lrs run there: the optimum may lie beyond), its validation "
-           "loss, and the shift of the best lr per width doubling (least-squares slope, half-decades).\n",
-           "| family | " + " | ".join(f"width {w}" for w in sorted({w for f in best.values() for w in f}))
-           + " | shift per doubling |"]
     widths = sorted({w for f in best.values() for w in f})
-    out.append("|---|" + "---|" * (len(widths) + 1))
+    out = [f"\n### Learning-rate transfer across widths (validation loss at step {step:,})\n",
+           "Best lr per width (* at the edge of the lrs run there: the optimum may lie beyond; a diverged run counts "
+           "as an infinite loss), its validation loss, the optimum interpolated between its neighbours (the vertex "
+           "of a parabola in log lr), and the shift of the best lr per width doubling (least-squares slope, "
+           "half-decades; fitted: over the interpolated optima, the grid's best where there is none).\n",
+           "| family | " + " | ".join(f"width {w}" for w in widths) + " | shift per doubling | fitted |",
+           "|---|" + "---|" * (len(widths) + 2)]
     for family, at in best.items():
-        cells = [f"{at[w]['lr']:g}{'*' if at[w]['edge'] else ''} ({at[w]['val_loss']:.4f})" if w in at else ""
-                 for w in widths]
-        slope = shift_per_doubling(at)
-        out.append(f"| {family} | " + " | ".join(cells) + f" | {'' if slope is None else f'{slope:+.2f}'} |")
+        cells = [f"{at[w]['lr']:g}{'*' if at[w]['edge'] else ''} ({at[w]['val_loss']:.4f}"
+                 + (f"; fit {at[w]['fitted']:.2g})" if at[w]["fitted"] else ")") if w in at else "" for w in widths]
+        grid = shift_per_doubling({w: b["lr"] for w, b in at.items()})
+        fitted = shift_per_doubling({w: b["fitted"] or b["lr"] for w, b in at.items()})
+        out.append(f"| {family} | " + " | ".join(cells) + f" | {signed(grid)} | {signed(fitted)} |")
+    wider = []
+    for family, at in best.items():
+        base = min(at)
+        lr = at[base]["lr"]
+        for width in sorted(w for w in at if w > base):
+            own = points[family, width, at[width]["lr"]]
+            used = points.get((family, width, lr))
+            if used is None or not math.isfinite(used["val_loss"]):
+                cells = ["not run" if used is None else "diverged", "", "", ""]
+            else:
+                cells = [f"{used['val_loss']:.4f} ({own['val_loss']:.4f})", percent(used["val_loss"], own["val_loss"]),
+                         f"{used['fd']:.3g} ({own['fd']:.3g})", percent(used["fd"], own["fd"])]
+            wider.append(f"| {family} | {base} | {lr:g} | {width} | " + " | ".join(cells) + " |")
+    if wider:
+        out += ["\n#### The lr tuned at the smallest width, used wider\n",
+                "Each family's best lr at its smallest width, trained at each wider width: validation loss and FD "
+                "there, and how far they are from that width's own best lr (the lowest loss; FD at that lr).\n",
+                "| family | tuned at | lr | width | loss (own best) | loss change | FD (own best) | FD change |",
+                "|---|---|---|---|---|---|---|---|", *wider]
     return "\n".join(out) + "\n"
 
 
-def plot_transfer(curves: dict, path: str | Path, step: int) -> Path:
-    """One panel per family: validation loss against lr (log), one line per width; the best point of each circled."""
+def percent(value: float, base: float) -> str:
+    return f"{100 * (value - base) / base:+.1f}%"
+
+
+def plot_transfer(points: dict[tuple[str, int, float], dict], path: str | Path, step: int) -> Path:
+    """One panel per family: validation loss against lr (log), one line per width; the best point of each circled,
+    diverged lrs crossed at the top of the panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = loss_curves(points)
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.8), squeeze=False)
     for ax, (family, widths) in zip(axes[0], curves.items()):
-        for width, points in widths.items():
-            lrs, losses = zip(*points)
-            (line,) = ax.plot(lrs, losses, marker="o", label=f"width {width}")
-            i = losses.index(min(losses))
-            ax.plot([lrs[i]], [losses[i]], marker="o", markersize=12, fillstyle="none", color=line.get_color())
+        top = max((loss for pts in widths.values() for _, loss in pts if math.isfinite(loss)), default=1.0)
+        for width, pts in widths.items():
+            finite = [(lr, loss) for lr, loss in pts if math.isfinite(loss)]
+            (line,) = ax.plot(*zip(*finite), marker="o", label=f"width {width}") if finite else ax.plot([], [])
+            if finite:
+                lr, loss = min(finite, key=lambda p: p[1])
+                ax.plot([lr], [loss], marker="o", markersize=12, fillstyle="none", color=line.get_color())
+            crossed = [lr for lr, loss in pts if not math.isfinite(loss)]
+            if crossed:
+                ax.plot(crossed, [top * 1.05] * len(crossed), marker="x", markersize=9, linestyle="none",
+                        color=line.get_color(), label=f"width {width}: diverged")
         ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation loss at step {step:,}", title=family)
         ax.legend(fontsize=8)
     fig.tight_layout()

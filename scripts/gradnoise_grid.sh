@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 24 section 4 (docs/results.md): the gradient noise scale of DiT (constant lr 3e-3 after a 200-step warm-up)
+# and MP scale-rotation-gate (3e-2, EDM2 schedule) at steps 1k/2k/3k/5k of the 5,000-step MNIST recipe, under DDPM
+# and under flow matching, 2 seeds each. The runs come from the grid files themselves, so they are the grids' rows:
+#   DDPM: docs/grids/mnist-5k-lr.json retrained into OUT/ddpm-runs (its issue-11 checkpoints were never kept), with a
+#         cheap side evaluation (100 samples at guidance 3) since only the checkpoints are wanted here;
+#   flow: docs/grids/mnist-5k-flow.json's own runs in docs/results/mnist-5k-flow (seeds 0 and 1 of the two rows).
+# Then `mpdit gradnoise` (32 batches of 64, 5 bins, raw weights) on every checkpoint, written to
+# OUT/OBJECTIVE/ROW/seed-S/step-N.json, and OUT/results.md + OUT/noise-scale.png. Resumable: finished runs and
+# measurements are skipped.
+#   bash scripts/gradnoise_grid.sh [OUT]      (default docs/results/gradnoise; about 4 h on 2 quiet CPU cores)
+set -euo pipefail
+out=${1:-docs/results/gradnoise}
+rows=dit-warmup@lr=0.003,mp-srg@lr=0.03
+flow_runs=docs/results/mnist-5k-flow
+mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$out/ddpm-runs" --only "$rows" --seeds 2 --eval-num 100 --cfg-scale 3 > /dev/null
+mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 2 > /dev/null
+for objective in ddpm flow; do
+  runs=$out/ddpm-runs/runs; [ "$objective" = flow ] && runs=$flow_runs/runs
+  for row in ${rows//,/ }; do
+    for seed in 0 1; do
+      for step in 1000 2000 3000 5000; do
+        result=$out/$objective/$row/seed-$seed/step-$step.json
+        [ -f "$result" ] && continue
+        mkdir -p "$(dirname "$result")"
+        mpdit gradnoise --ckpt "$runs/$row/seed-$seed/checkpoints/$(printf 'step-%07d' "$step")" --out "$result" | sed -n 1p
+      done
+    done
+  done
+done
+python3 scripts/gradnoise_report.py "$out"
