@@ -3,8 +3,9 @@ each family's validation loss against the learning rate with one curve per width
 width, how far it moves per doubling of the width, and what the lr tuned at the smallest width costs at the wider ones.
 
 A run that diverged before the scored step counts as a loss of infinity at its lr: it brackets the optimum from
-above. A best lr at the edge of its width's lr grid is marked: it only bounds the optimum. Between two finite
-neighbours the optimum is also interpolated (the vertex of the parabola through the three points in
+above. A best lr at the edge of its width's lr grid is marked: it only bounds the optimum. Where both neighbours
+of the best lr trained (a loss under FIT_NEIGHBOURS_WITHIN times the best: a run that collapsed or diverged is not
+on the parabola), the optimum is also interpolated (the vertex of the parabola through the three points in
 (log10 lr, loss)), so that a shift smaller than the grid's half-decade step still shows in the fitted slope.
 """
 
@@ -13,6 +14,7 @@ import re
 import statistics
 from pathlib import Path
 
+FIT_NEIGHBOURS_WITHIN = 2.0
 NAME = re.compile(r"^(?P<family>.+)-w(?P<width>\d+)@lr=(?P<lr>[0-9.e+-]+)$")  # the width: the line's own
 
 
@@ -59,8 +61,8 @@ def parabola_vertex(p0: tuple[float, float], p1: tuple[float, float], p2: tuple[
 def best_lrs(curves: dict) -> dict[str, dict[int, dict]]:
     """{family: {width: {"lr", "val_loss", "edge", "fitted"}}}: the lr of the lowest finite loss at each width; edge:
     it is the smallest or largest lr run at that width (or under 3 lrs were run), so the optimum may lie beyond it;
-    fitted: the interpolated optimum lr where both neighbours are finite, else None. Widths with no finite loss
-    are left out."""
+    fitted: the interpolated optimum lr where both neighbours have a loss under FIT_NEIGHBOURS_WITHIN times the
+    best, else None. Widths with no finite loss are left out."""
     best = {}
     for family, widths in curves.items():
         for width, points in widths.items():
@@ -70,7 +72,7 @@ def best_lrs(curves: dict) -> dict[str, dict[int, dict]]:
             i = min(finite, key=lambda k: points[k][1])
             edge = len(points) < 3 or i in (0, len(points) - 1)
             fitted = None
-            if not edge and math.isfinite(points[i - 1][1]) and math.isfinite(points[i + 1][1]):
+            if not edge and max(points[i - 1][1], points[i + 1][1]) < FIT_NEIGHBOURS_WITHIN * points[i][1]:
                 logs = [(math.log10(lr), loss) for lr, loss in points[i - 1:i + 2]]
                 fitted = 10 ** parabola_vertex(*logs)
             best.setdefault(family, {})[width] = {"lr": points[i][0], "val_loss": points[i][1], "edge": edge,
@@ -102,7 +104,7 @@ def transfer_markdown(points: dict[tuple[str, int, float], dict], step: int) -> 
     out = [f"\n### Learning-rate transfer across widths (validation loss at step {step:,})\n",
            "Best lr per width (* at the edge of the lrs run there: the optimum may lie beyond; a diverged run counts "
            "as an infinite loss), its validation loss, the optimum interpolated between its neighbours (the vertex "
-           "of a parabola in log lr), and the shift of the best lr per width doubling (least-squares slope, "
+           f"of a parabola in log lr; where both neighbours' losses are under {FIT_NEIGHBOURS_WITHIN:g}x the best), and the shift of the best lr per width doubling (least-squares slope, "
            "half-decades; fitted: over the interpolated optima, the grid's best where there is none).\n",
            "| family | " + " | ".join(f"width {w}" for w in widths) + " | shift per doubling | fitted |",
            "|---|" + "---|" * (len(widths) + 2)]
