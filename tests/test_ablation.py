@@ -416,7 +416,7 @@ def test_lr_transfer_interpolates_the_optimum_and_counts_a_diverged_run_as_brack
 
 
 def test_lr_transfer_tables_the_lr_tuned_narrow_used_wide():
-    from mpdit.evaluation.transfer import scored_points, transfer_markdown
+    from mpdit.evaluation.transfer import best_lr_markdown, scored_points, tuned_narrow_markdown
 
     def line(width, lr, loss, fd, cfg=3):
         return {"row": f"f-w{width}@lr={lr:g}", "lr": lr, "step": 2000, "val_loss": loss, "width": width,
@@ -425,13 +425,18 @@ def test_lr_transfer_tables_the_lr_tuned_narrow_used_wide():
     lines = [line(64, 1e-3, 0.35, 50), line(64, 1e-2, 0.2, 20), line(64, 1e-1, 0.3, 40),
              line(256, 1e-3, 0.15, 15), line(256, 1e-2, 0.12, 16), line(256, 1e-2, 0.12, 12, cfg=6),
              line(256, 1e-1, 0.3, 30), line(128, 1e-3, 0.3, 30), line(128, 3e-3, 0.25, 25)]
-    text = transfer_markdown(scored_points(lines, 2000, diverged={"f-w128@lr=0.01"}), 2000)
+    text = tuned_narrow_markdown(scored_points(lines, 2000, diverged={"f-w128@lr=0.01"}), 2000)
     assert "| f | 64 | 0.01 | 128 | diverged |" in text
     assert "| f | 64 | 0.01 | 256 | 0.1200 (0.1200) | +0.0% | 12 (12) | +0.0% |" in text  # FD at its best guidance
     lines[4]["val_loss"] = lines[5]["val_loss"] = 0.18  # now 1e-3 is width 256's best
-    text = transfer_markdown(scored_points(lines, 2000), 2000)
+    text = tuned_narrow_markdown(scored_points(lines, 2000), 2000)
     assert "| f | 64 | 0.01 | 256 | 0.1800 (0.1500) | +20.0% | 12 (15) | -20.0% |" in text
-    assert "| f | 64 | 0.01 | 128 | not run |" in text and "| f | 0.01 (0.2000; fit" in text
+    assert "| f | 64 | 0.01 | 128 | not run |" in text
+    # best lrs 1e-2, 3e-3 (of two: an edge), 1e-3 at widths 64, 128, 256: slope (2 log10) -1.00 per doubling; width
+    # 64's optimum fitted at 10^-1.9 = 0.0126 moves the fitted slope to (-6 - 2 * -1.9) / 2 = -1.10
+    assert "| f | 0.01 (0.2000; fit 0.013) | 0.003* (0.2500) | 0.001* (0.1500) | -1.00 | -1.10 |" in \
+        best_lr_markdown(scored_points(lines, 2000), 2000)
+    assert tuned_narrow_markdown(scored_points(lines[:3], 2000), 2000) == ""  # one width: no wider one to use it at
 
 
 def test_flow_rows_refuse_a_min_snr_budget_and_rows_set_their_precision(tmp_path):

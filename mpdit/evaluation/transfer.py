@@ -95,17 +95,16 @@ def signed(value: float | None) -> str:
     return "" if value is None else f"{value:+.2f}"
 
 
-def transfer_markdown(points: dict[tuple[str, int, float], dict], step: int) -> str:
-    """results.md's section: each family's best lr and loss per width, its shift per width doubling, and the lr
-    tuned at the smallest width trained at the wider ones."""
-    curves = loss_curves(points)
-    best = best_lrs(curves)
+def best_lr_markdown(points: dict[tuple[str, int, float], dict], step: int) -> str:
+    """results.md's table of each family's best lr and loss per width at ``step`` and its shift per width doubling."""
+    best = best_lrs(loss_curves(points))
     widths = sorted({w for f in best.values() for w in f})
     out = [f"\n### Learning-rate transfer across widths (validation loss at step {step:,})\n",
            "Best lr per width (* at the edge of the lrs run there: the optimum may lie beyond; a diverged run counts "
            "as an infinite loss), its validation loss, the optimum interpolated between its neighbours (the vertex "
-           f"of a parabola in log lr; where both neighbours' losses are under {FIT_NEIGHBOURS_WITHIN:g}x the best), and the shift of the best lr per width doubling (least-squares slope, "
-           "half-decades; fitted: over the interpolated optima, the grid's best where there is none).\n",
+           f"of a parabola in log lr; where both neighbours' losses are under {FIT_NEIGHBOURS_WITHIN:g}x the best), and "
+           "the shift of the best lr per width doubling (least-squares slope, half-decades; fitted: over the "
+           "interpolated optima, the grid's best where there is none).\n",
            "| family | " + " | ".join(f"width {w}" for w in widths) + " | shift per doubling | fitted |",
            "|---|" + "---|" * (len(widths) + 2)]
     for family, at in best.items():
@@ -114,6 +113,13 @@ def transfer_markdown(points: dict[tuple[str, int, float], dict], step: int) -> 
         grid = shift_per_doubling({w: b["lr"] for w, b in at.items()})
         fitted = shift_per_doubling({w: b["fitted"] or b["lr"] for w, b in at.items()})
         out.append(f"| {family} | " + " | ".join(cells) + f" | {signed(grid)} | {signed(fitted)} |")
+    return "\n".join(out) + "\n"
+
+
+def tuned_narrow_markdown(points: dict[tuple[str, int, float], dict], step: int) -> str:
+    """results.md's practical test: each family's best lr at its smallest width, used at the wider ones, against
+    their own best lr (validation loss and FD at ``step``); nothing where no family has two widths."""
+    best = best_lrs(loss_curves(points))
     wider = []
     for family, at in best.items():
         base = min(at)
@@ -127,13 +133,14 @@ def transfer_markdown(points: dict[tuple[str, int, float], dict], step: int) -> 
                 cells = [f"{used['val_loss']:.4f} ({own['val_loss']:.4f})", percent(used["val_loss"], own["val_loss"]),
                          f"{used['fd']:.3g} ({own['fd']:.3g})", percent(used["fd"], own["fd"])]
             wider.append(f"| {family} | {base} | {lr:g} | {width} | " + " | ".join(cells) + " |")
-    if wider:
-        out += ["\n#### The lr tuned at the smallest width, used wider\n",
-                "Each family's best lr at its smallest width, trained at each wider width: validation loss and FD "
-                "there, and how far they are from that width's own best lr (the lowest loss; FD at that lr).\n",
-                "| family | tuned at | lr | width | loss (own best) | loss change | FD (own best) | FD change |",
-                "|---|---|---|---|---|---|---|---|", *wider]
-    return "\n".join(out) + "\n"
+    if not wider:
+        return ""
+    return "\n".join([f"\n#### The lr tuned at the smallest width, used wider (step {step:,})\n",
+                      "Each family's best lr at its smallest width, trained at each wider width: validation loss and "
+                      "FD there, and how far they are from that width's own best lr (the lowest loss; FD at that "
+                      "lr).\n",
+                      "| family | tuned at | lr | width | loss (own best) | loss change | FD (own best) | FD change |",
+                      "|---|---|---|---|---|---|---|---|", *wider]) + "\n"
 
 
 def percent(value: float, base: float) -> str:
