@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from mpdit.errors import MPDiTError
+from mpdit.evaluation.plots import save_figure
 from mpdit.files import atomic_write_text, read_json
 
 LAYOUT = re.compile(r"^(?P<objective>[^/]+)/(?P<row>[^/]+)/seed-(?P<seed>\d+)/step-(?P<step>\d+)\.json$")
@@ -99,11 +100,7 @@ def plot_noise_scales(lines: list[dict], path: str | Path) -> Path:
         axes[1][k].set(yscale="log", xlabel="time (noise level, bin middle)", ylabel="B_simple in the bin")
         for ax in axes[:, k]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_noise_report(folder: str | Path) -> Path:

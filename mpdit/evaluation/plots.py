@@ -45,6 +45,17 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay a figure out, write it as a PNG (120 dpi) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None) -> list[Path]:
     """Write loss.png, metric.png (when evaluations exist) and magnitudes.png into out_dir; returns the paths."""
     import matplotlib
@@ -65,10 +76,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
         ax.plot(steps, smooth([e["loss"] for e in run["log"]]), color=colors[i % len(colors)], label=label)
     ax.set(xlabel="step", ylabel="training loss (smoothed)", yscale="log", title="Loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "loss.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "loss.png"))
 
     if any(run["evals"] for run in runs):
         fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -81,10 +89,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
         ax_fd.set(xlabel="step", ylabel="FD (classifier features)", title="Fréchet distance (lower is better)")
         ax_acc.set(xlabel="step", ylabel="class accuracy of samples (%)", title="Class accuracy")
         ax_fd.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "metric.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save_figure(fig, out_dir / "metric.png"))
 
     fig, (ax_act, ax_w) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (run, label) in enumerate(zip(runs, labels)):
@@ -103,10 +108,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
     ax_w.set(xlabel="step", ylabel="RMS of the block's weight matrices", yscale="log",
              title="Weight magnitude per block")
     ax_act.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "magnitudes.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "magnitudes.png"))
     return written
 
 
@@ -137,8 +139,4 @@ def plot_curves(lines: list[dict], path: str | Path) -> Path:
               title="Fréchet distance (lower is better)")
     ax_acc.set(xlabel="step", ylabel="class accuracy of samples (%)", title="Class accuracy")
     ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -14,6 +14,8 @@ import re
 import statistics
 from pathlib import Path
 
+from mpdit.evaluation.plots import save_figure
+
 FIT_NEIGHBOURS_WITHIN = 2.0
 NAME = re.compile(r"^(?P<family>.+)-w(?P<width>\d+)@lr=(?P<lr>[0-9.e+-]+)$")  # the width: the line's own
 
@@ -171,8 +173,4 @@ def plot_transfer(points: dict[tuple[str, int, float], dict], path: str | Path, 
                         color=line.get_color(), label=f"width {width}: diverged")
         ax.set(xscale="log", xlabel="learning rate", ylabel=f"validation loss at step {step:,}", title=family)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
