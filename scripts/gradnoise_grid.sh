@@ -9,17 +9,23 @@
 # OUT/OBJECTIVE/ROW/seed-S/step-N.json, and OUT/results.md + OUT/noise-scale.png. Resumable: finished runs and
 # measurements are skipped.
 #   bash scripts/gradnoise_grid.sh [OUT]      (default docs/results/gradnoise; about 4 h on 2 quiet CPU cores)
+# Smoke test at tiny scale: FLOW_OUT=/tmp/f STEPS="2 4" ABLATE_OPTIONS="--model DiT-Nano/4 --steps 4 --eval-steps 2
+#   --batch-size 16 --eval-num 10 --sample-steps 2 --cfg-scale 3" bash scripts/gradnoise_grid.sh /tmp/g
 set -euo pipefail
 out=${1:-docs/results/gradnoise}
 rows=dit-warmup@lr=0.003,mp-srg@lr=0.03
-flow_runs=docs/results/mnist-5k-flow
-mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$out/ddpm-runs" --only "$rows" --seeds 2 --eval-num 100 --cfg-scale 3 > /dev/null
-mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 2 > /dev/null
+flow_runs=${FLOW_OUT:-docs/results/mnist-5k-flow}
+steps=${STEPS:-1000 2000 3000 5000}
+# shellcheck disable=SC2086  # ABLATE_OPTIONS is a list of options
+mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$out/ddpm-runs" --only "$rows" --seeds 2 --eval-num 100 \
+  --cfg-scale 3 ${ABLATE_OPTIONS:-} > /dev/null
+# shellcheck disable=SC2086
+mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 2 ${ABLATE_OPTIONS:-} > /dev/null
 for objective in ddpm flow; do
   runs=$out/ddpm-runs/runs; [ "$objective" = flow ] && runs=$flow_runs/runs
   for row in ${rows//,/ }; do
     for seed in 0 1; do
-      for step in 1000 2000 3000 5000; do
+      for step in $steps; do
         result=$out/$objective/$row/seed-$seed/step-$step.json
         [ -f "$result" ] && continue
         mkdir -p "$(dirname "$result")"
