@@ -35,8 +35,7 @@ def run(args) -> int:
     result = gradient_noise_scale(model, objective, data, batches=args.batches, batch_size=args.batch_size,
                                   bins=args.bins, seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
     result = {"checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint), "weights": weights,
-              "objective": objective.name,
-              "min_snr_gamma": min_snr_gamma, **result}
+              "objective": objective.name, "min_snr_gamma": min_snr_gamma, **result}
     out = Path(args.out) if args.out else checkpoint / "gradnoise.json"
     atomic_write_text(out, strict_json(result, "the gradient noise scale", indent=2))
     if args.json:
