@@ -262,6 +262,7 @@ def test_prepared_grid_files_run_at_tiny_scale(tmp_path, tiny_idx, grid):
 
 
 ISSUE_24_GRIDS = ["docs/grids/mnist-5k-flow.json", "docs/grids/width-lr.json", "docs/grids/bf16.json",
+                  "docs/grids/width-lr-flow.json",
                   "docs/grids/gpu-mnist-xs2-flow.json", "docs/grids/gpu-mnist-xs2-dyt.json"]
 
 
@@ -437,6 +438,21 @@ def test_lr_transfer_tables_the_lr_tuned_narrow_used_wide():
     assert "| f | 0.01 (0.2000; fit 0.013) | 0.003* (0.2500) | 0.001* (0.1500) | -1.00 | -1.10 |" in \
         best_lr_markdown(scored_points(lines, 2000), 2000)
     assert tuned_narrow_markdown(scored_points(lines[:3], 2000), 2000) == ""  # one width: no wider one to use it at
+
+
+def test_a_grid_of_one_lr_per_width_tables_its_losses_and_reads_no_best_lr_from_them():
+    from mpdit.evaluation.transfer import loss_per_width_markdown, scored_points, swept
+
+    lines = [{"row": f"{family}-w{width}@lr={lr:g}", "lr": lr, "step": 2000, "val_loss": loss, "width": width,
+              "fd_mean": fd} for family, width, lr, loss, fd in
+             (("a", 64, 1e-2, 0.2, 20.0), ("a", 128, 3e-3, 0.15, 12.5), ("b", 64, 3e-2, 0.25, 30.0))]
+    points = scored_points(lines, 2000)
+    assert not swept(points)
+    text = loss_per_width_markdown(points, 2000)
+    assert "| a | 0.2000 (20) at 0.01 | 0.1500 (12.5) at 0.003 |" in text
+    assert "| b | 0.2500 (30) at 0.03 |  |" in text and "per doubling" not in text
+    lines.append({**lines[0], "row": "a-w64@lr=0.001", "lr": 1e-3})
+    assert swept(scored_points(lines, 2000))  # two lrs of one family at one width
 
 
 def test_flow_rows_refuse_a_min_snr_budget_and_rows_set_their_precision(tmp_path):

@@ -35,7 +35,8 @@ from mpdit.diffusion.objectives import OBJECTIVES, ObjectiveConfig
 from mpdit.errors import MPDiTError, dataclass_from_dict, require_field_types
 from mpdit.evaluation.classifier import NO_CLASSIFIER, classifier_name
 from mpdit.evaluation.evaluate import evaluate, evaluate_loss
-from mpdit.evaluation.transfer import best_lr_markdown, plot_transfer, scored_points, tuned_narrow_markdown
+from mpdit.evaluation.transfer import (best_lr_markdown, loss_per_width_markdown, plot_transfer, scored_points, swept,
+                                       tuned_narrow_markdown)
 from mpdit.files import read_json, read_json_lines, strict_json
 from mpdit.model.config import (MP_SWITCHES, ZERO_INIT, DiTConfig, attention_output_setting, parse_mp,
                                 width_overrides)
@@ -605,7 +606,9 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
             plot_curves(best_guidance(lines), out / "curves.png")
         diverged = {name for name, _, run in runs if "diverged" in run}
         points = {step: scored_points(lines, step, diverged) for step in budget.evaluated_steps[::-1]}
-        if points[budget.steps]:  # rows named FAMILY-wWIDTH@lr=LR: the final step's tables, then the earlier steps'
+        if points[budget.steps] and not swept(points[budget.steps]):  # FAMILY-wWIDTH@lr=LR rows, one lr each
+            text += "".join(loss_per_width_markdown(at, step) for step, at in points.items() if at)
+        elif points[budget.steps]:  # rows named FAMILY-wWIDTH@lr=LR: the final step's tables, then the earlier steps'
             text += best_lr_markdown(points[budget.steps], budget.steps)
             text += tuned_narrow_markdown(points[budget.steps], budget.steps)
             text += "".join(best_lr_markdown(at, step) for step, at in points.items() if at and step != budget.steps)

@@ -145,6 +145,29 @@ def tuned_narrow_markdown(points: dict[tuple[str, int, float], dict], step: int)
                       "|---|---|---|---|---|---|---|---|", *wider]) + "\n"
 
 
+def swept(points: dict[tuple[str, int, float], dict]) -> bool:
+    """Whether some family ran more than one lr at some width: a sweep that a best lr can be read from."""
+    return any(len(lrs) > 1 for widths in loss_curves(points).values() for lrs in widths.values())
+
+
+def loss_per_width_markdown(points: dict[tuple[str, int, float], dict], step: int) -> str:
+    """results.md's table for a grid of one lr per family and width (chosen elsewhere, such as each family's best
+    on a sweep): its validation loss and FD per width, with no best lr or shift, since nothing was swept here."""
+    curves = loss_curves(points)
+    widths = sorted({w for family in curves.values() for w in family})
+    out = [f"\n### Validation loss per width (step {step:,})\n",
+           "One lr per family and width (no sweep here, so no best lr or shift is read from this grid): validation "
+           "loss (FD at the best guidance) and the lr.\n",
+           "| family | " + " | ".join(f"width {w}" for w in widths) + " |", "|---|" + "---|" * len(widths)]
+    for family, at in curves.items():
+        cells = []
+        for width in widths:
+            (lr, loss), = at.get(width, [(None, None)])
+            cells.append("" if lr is None else f"{loss:.4f} ({points[family, width, lr]['fd']:.3g}) at {lr:g}")
+        out.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def percent(value: float, base: float) -> str:
     return f"{100 * (value - base) / base:+.1f}%"
 
