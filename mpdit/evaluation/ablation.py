@@ -22,6 +22,7 @@ all rewritten after each run.
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import re
@@ -538,8 +539,8 @@ def run_grid(out: str | Path, rows: list[Row], budget: Budget, only: set[str] | 
         raise MPDiTError(f"no grid row is named {', '.join(unknown)}: the rows are {', '.join(names)}")
     samplers = {row.name: row.eval_sampler(budget) for row in rows}  # checked before anything runs
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(strict_json({"budget": dataclasses.asdict(budget),
-                                                 "rows": [dataclasses.asdict(r) for r in rows]}, "the grid", indent=2))
+    atomic_write_text(out / "grid.json", strict_json({"budget": dataclasses.asdict(budget),
+                                                      "rows": [dataclasses.asdict(r) for r in rows]}, "the grid", indent=2))
     seeds = {row.name: row.seeds or budget.seeds for row in rows}
     runs = [(row, seed) for seed in range(max(seeds.values(), default=0)) for row in rows if seed < seeds[row.name]]
     finished = {}
@@ -594,10 +595,11 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
     records = with_record_defaults([record for _, _, run in runs for record in run["records"]], budget)
     text, best = "", []
     if records:
-        with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        atomic_write_text(out / "results.csv", table.getvalue())
         lines = summarize(records)
         text, best = results_markdown(lines, budget, baseline)
         if len(budget.evaluated_steps) > 1:
@@ -613,5 +615,5 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
             text += tuned_narrow_markdown(points[budget.steps], budget.steps)
             text += "".join(best_lr_markdown(at, step) for step, at in points.items() if at and step != budget.steps)
             plot_transfer(points[budget.steps], out / "lr-transfer.png", budget.steps)
-    (out / "results.md").write_text(text + diverged_table(runs))
+    atomic_write_text(out / "results.md", text + diverged_table(runs))
     return best
