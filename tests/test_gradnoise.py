@@ -46,6 +46,22 @@ def test_gradnoise_command_reports_total_and_bins(tmp_path, tiny_idx, capsys):
     assert "needs --batches >= 2" in capsys.readouterr().err
 
 
+def test_bf16_error_sets_the_gradient_rounding_against_the_batch_noise(tmp_path, tiny_idx, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "DiT-Nano/4", "--data", tiny_idx, "--steps", "2", "--batch-size", "16",
+                 "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["gradnoise", "--ckpt", str(run), "--bf16-error", "--batches", "3", "--batch-size", "8",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["written_to"].endswith("step-0000002/bf16-error.json") and result["batches"] == 3
+    assert 0 < result["gradient_error"] < 1 and result["error_over_noise"] > 0  # bf16 rounds; fp32 is the reference
+    assert list(result["output_errors"]) == ["block 0", "block 1", "output"]  # DiT-Nano: 2 blocks
+    assert all(0 < error < 0.1 for error in result["output_errors"].values())
+    assert main(["gradnoise", "--ckpt", str(run), "--bf16-error", "--batches", "1"]) == 2
+    assert "needs --batches >= 2" in capsys.readouterr().err
+
+
 def test_noise_report_summarizes_seeds_per_objective_row_and_step(tmp_path):
     def result(objective, row, seed, step, total, bins, batches=32):
         path = tmp_path / objective / row / f"seed-{seed}" / f"step-{step}.json"

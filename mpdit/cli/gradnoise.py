@@ -2,10 +2,13 @@
 training loss, in total and per noise-level bin (mpdit.training.gradnoise).
 
     mpdit gradnoise --ckpt RUN_OR_CHECKPOINT [--batches 32] [--batch-size 64] [--bins 5] [--seed 0] [--json]
+    mpdit gradnoise --ckpt RUN_OR_CHECKPOINT --bf16-error [--batches 32] [--batch-size 64]
 
 The loss is the run's own (its objective, Min-SNR weighting and label dropout), on its training data, with the
 raw weights by default (the weights the optimizer steps); K = --batches independent batches of --batch-size
 images each, seeded. Writes CHECKPOINT/gradnoise.json unless --out names another file.
+--bf16-error: instead, the gradient under bf16 autocast against fp32's on the same batches, its squared error
+against the batch gradient's own variance tr(Sigma) / b, and each block's output error (CHECKPOINT/bf16-error.json).
 """
 
 from pathlib import Path
@@ -15,7 +18,7 @@ from mpdit.diffusion.generate import device_of
 from mpdit.files import atomic_write_text, strict_json
 from mpdit.training.checkpoint import (checkpoint_objective, checkpoint_step, load_checkpoint_model, run_data_spec,
                                        run_train_config)
-from mpdit.training.gradnoise import gradient_noise_scale
+from mpdit.training.gradnoise import bf16_gradient_error, gradient_noise_scale
 from mpdit.training.outputs import refuse_needed_file
 
 
@@ -32,6 +35,8 @@ def run(args) -> int:
     objective = checkpoint_objective(checkpoint, model)
     data = load_dataset(run_data_spec(checkpoint), "train", model.config.input_size)
     min_snr_gamma = run_train_config(checkpoint).get("min_snr_gamma", 0.0)
+    if args.bf16_error:
+        return report_bf16_error(args, model, checkpoint, weights, objective, data, min_snr_gamma, device)
     result = gradient_noise_scale(model, objective, data, batches=args.batches, batch_size=args.batch_size,
                                   bins=args.bins, seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
     result = {"checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint), "weights": weights,
@@ -50,6 +55,24 @@ def run(args) -> int:
     return 0
 
 
+def report_bf16_error(args, model, checkpoint, weights, objective, data, min_snr_gamma, device) -> int:
+    result = bf16_gradient_error(model, objective, data, batches=args.batches, batch_size=args.batch_size,
+                                 seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
+    result = {"checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint), "weights": weights,
+              "objective": objective.name, "min_snr_gamma": min_snr_gamma, **result}
+    out = Path(args.out) if args.out else checkpoint / "bf16-error.json"
+    atomic_write_text(out, strict_json(result, "the bf16 gradient error", indent=2))
+    if args.json:
+        print(strict_json(result | {"written_to": str(out)}, "the bf16 gradient error"))
+        return 0
+    print(f"bf16 autocast against fp32 on {checkpoint} ({weights} weights, {objective.name}; {args.batches} batches "
+          f"of {args.batch_size}): gradient error {result['gradient_error']:.3g} of its norm; its square is "
+          f"{result['error_over_noise']:.3g} of the batch gradient's own variance tr(Sigma)/b")
+    print("  output error: " + ", ".join(f"{name} {error:.3g}" for name, error in result["output_errors"].items()))
+    print(f"written to {out}")
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("gradnoise", help="gradient noise scale of a checkpoint's training loss",
                                    description=__doc__)
@@ -60,6 +83,9 @@ def register(subparsers) -> None:
     parser.add_argument("--bins", type=int, default=5, help="noise-level bins (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--out", default=None, help="JSON result path (default CHECKPOINT/gradnoise.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON result path (default CHECKPOINT/gradnoise.json, or bf16-error.json)")
+    parser.add_argument("--bf16-error", action="store_true",
+                        help="measure bf16 autocast's gradient error against fp32 instead (bf16-error.json)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.set_defaults(func=run)

@@ -11,7 +11,12 @@ copies of the parameters whatever K.
 
 Per noise level: the same with every example's time drawn uniformly within one of ``bins`` equal bins of the
 objective's time (DDPM: steps; flow: t), which shows where along the noise levels the gradient is noisy.
+
+The same batches also measure what bf16 autocast does to the gradient (bf16_gradient_error): its rounding error
+set against the batch's own sampling noise, tr(Sigma) / b.
 """
+
+import statistics
 
 import torch
 
@@ -91,3 +96,54 @@ def gradient_noise_scale(model: MPDiT, objective: Objective, data, *, batches: i
             result["bins"].append({"range": list(level), **scale})
     model.zero_grad(set_to_none=True)
     return result
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """|value - reference| / |reference| (Frobenius), in float32."""
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: int = 8, batch_size: int = 64,
+                        seed: int = 0, min_snr_gamma: float = 0.0, device="cpu") -> dict:
+    """The training gradient under bf16 autocast against fp32's on the same K batches (drawn as
+    gradient_noise_scale's total), model in training mode:
+    gradient_error: |g_bf16 - g_fp32| / |g_fp32|, the mean over the batches;
+    error_over_noise: the mean |g_bf16 - g_fp32|^2 over tr(Sigma) / b, the variance of a batch gradient of b
+    examples (estimated from the same K fp32 gradients): under 1, bf16's rounding adds less noise than the batch;
+    output_errors: the relative error of each block's output and of the model's output, first batch."""
+    if batches < 2 or batch_size < 1:
+        raise MPDiTError("the bf16 gradient error needs --batches >= 2 and --batch-size >= 1")
+    device = torch.device(device)
+    model.train()
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name):
+        return lambda module, args, output: outputs.setdefault(name, []).append(output.detach().float())
+
+    modules = [*((f"block {i}", block) for i, block in enumerate(model.blocks)), ("output", model)]
+    hooks = [module.register_forward_hook(keep(name)) for name, module in modules]
+    moments, errors, squared = GradientMoments(), [], []
+    try:
+        for k in range(batches):
+            gradients = []
+            for bf16 in (False, True):
+                generator = torch.Generator().manual_seed(seed * 1_000_003 * 100_003 + k)
+                index = torch.randint(0, len(data), (batch_size,), generator=generator)
+                t = objective.draw_times(batch_size, generator)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    gradients.append(batch_gradient(model, objective, data, index, t, generator,
+                                                    min_snr_gamma=min_snr_gamma, device=device))
+            reference, low = gradients
+            moments.add(reference)
+            errors.append(relative_error(low, reference))
+            squared.append((low.double() - reference.double()).square().sum().item())
+            for hook in hooks:  # the activations of the first batch only
+                hook.remove()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+    noise = moments.noise_scale(batch_size)["trace_sigma"] / batch_size
+    return {"batches": batches, "batch_size": batch_size, "seed": seed,
+            "gradient_error": statistics.fmean(errors), "error_over_noise": statistics.fmean(squared) / noise,
+            "output_errors": {name: relative_error(low, reference) for name, (reference, low) in outputs.items()}}
