@@ -40,23 +40,32 @@ class GradientMoments:
         self.squares += g * g
         self.count += 1
 
-    def noise_scale(self, batch_size: int) -> dict:
-        """{"b_simple", "trace_sigma", "grad_norm_sq", "grad_norm_sq_biased"} from the K >= 2 gradients added;
-        b_simple is None where the unbiased |G|^2 is not positive (the mean gradient is lost in the noise at this K)."""
+    def variance(self) -> torch.Tensor:
+        """The unbiased per-coordinate variance of the gradients added (K >= 2 of them)."""
         k = self.count
         if k < 2:
             raise MPDiTError(f"the gradient noise scale needs at least 2 batches, got {k}")
         mean = self.total / k
-        variance = (self.squares - k * mean * mean).clamp(min=0) / (k - 1)  # per coordinate, unbiased
-        trace_sigma = batch_size * variance.sum().item()
-        biased = mean.square().sum().item()
+        return (self.squares - k * mean * mean).clamp(min=0) / (k - 1)
+
+    def noise_scale(self, batch_size: int) -> dict:
+        """{"b_simple", "trace_sigma", "grad_norm_sq", "grad_norm_sq_biased"} from the K >= 2 gradients added;
+        b_simple is None where the unbiased |G|^2 is not positive (the mean gradient is lost in the noise at this K)."""
+        k = self.count
+        trace_sigma = batch_size * self.variance().sum().item()
+        biased = (self.total / k).square().sum().item()
         norm_sq = biased - trace_sigma / (batch_size * k)
         return {"b_simple": trace_sigma / norm_sq if norm_sq > 0 else None, "trace_sigma": trace_sigma,
                 "grad_norm_sq": norm_sq, "grad_norm_sq_biased": biased}
 
 
+def gradient_parameters(model: MPDiT) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that hold a gradient, with their names, in flat_gradient's order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+
+
 def flat_gradient(model: MPDiT) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+    return torch.cat([p.grad.flatten() for _, p in gradient_parameters(model)])
 
 
 def batch_gradient(model: MPDiT, objective: Objective, data, index: torch.Tensor, t: torch.Tensor,
@@ -98,6 +107,9 @@ def gradient_noise_scale(model: MPDiT, objective: Objective, data, *, batches: i
     return result
 
 
+LARGEST = 5  # bf16_gradient_error's worst parameter tensors
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """|value - reference| / |reference| (Frobenius), in float32."""
     return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
@@ -110,7 +122,8 @@ def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: in
     gradient_error: |g_bf16 - g_fp32| / |g_fp32|, the mean over the batches;
     error_over_noise: the mean |g_bf16 - g_fp32|^2 over tr(Sigma) / b, the variance of a batch gradient of b
     examples (estimated from the same K fp32 gradients): under 1, bf16's rounding adds less noise than the batch;
-    output_errors: the relative error of each block's output and of the model's output, first batch."""
+    output_errors: the relative error of each block's output and of the model's output, first batch;
+    worst_parameters: the LARGEST parameter tensors whose own error_over_noise is highest: where the error sits."""
     if batches < 2 or batch_size < 1:
         raise MPDiTError("the bf16 gradient error needs --batches >= 2 and --batch-size >= 1")
     device = torch.device(device)
@@ -122,7 +135,7 @@ def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: in
 
     modules = [*((f"block {i}", block) for i, block in enumerate(model.blocks)), ("output", model)]
     hooks = [module.register_forward_hook(keep(name)) for name, module in modules]
-    moments, errors, squared = GradientMoments(), [], []
+    moments, errors, error_squares = GradientMoments(), [], 0.0
     try:
         for k in range(batches):
             gradients = []
@@ -134,16 +147,22 @@ def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: in
                     gradients.append(batch_gradient(model, objective, data, index, t, generator,
                                                     min_snr_gamma=min_snr_gamma, device=device))
             reference, low = gradients
+            layout = [(name, p.numel()) for name, p in gradient_parameters(model)]
             moments.add(reference)
             errors.append(relative_error(low, reference))
-            squared.append((low.double() - reference.double()).square().sum().item())
+            error_squares = error_squares + (low.double() - reference.double()).square()  # per coordinate
             for hook in hooks:  # the activations of the first batch only
                 hook.remove()
     finally:
         for hook in hooks:
             hook.remove()
         model.zero_grad(set_to_none=True)
-    noise = moments.noise_scale(batch_size)["trace_sigma"] / batch_size
-    return {"batches": batches, "batch_size": batch_size, "seed": seed,
-            "gradient_error": statistics.fmean(errors), "error_over_noise": statistics.fmean(squared) / noise,
-            "output_errors": {name: relative_error(low, reference) for name, (reference, low) in outputs.items()}}
+    variance, error_squares = moments.variance(), error_squares / batches  # both per coordinate
+    names, sizes = zip(*layout)
+    ratios = {name: (error.sum() / noise.sum()).item() for name, error, noise in
+              zip(names, error_squares.split(sizes), variance.split(sizes))}
+    worst = sorted(ratios, key=ratios.get, reverse=True)[:LARGEST]
+    return {"batches": batches, "batch_size": batch_size, "seed": seed, "gradient_error": statistics.fmean(errors),
+            "error_over_noise": (error_squares.sum() / variance.sum()).item(),
+            "output_errors": {name: relative_error(low, reference) for name, (reference, low) in outputs.items()},
+            "worst_parameters": {name: ratios[name] for name in worst}}
