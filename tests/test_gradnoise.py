@@ -59,6 +59,8 @@ def test_bf16_error_sets_the_gradient_rounding_against_the_batch_noise(tmp_path,
     assert 0 < result["gradient_error"] < 1 and result["error_over_noise"] > 0  # bf16 rounds; fp32 is the reference
     assert list(result["output_errors"]) == ["block 0", "block 1", "output"]  # DiT-Nano: 2 blocks
     assert all(0 < error < 0.1 for error in result["output_errors"].values())
+    assert all(abs(bias) <= error for bias, error in zip(result["output_scale_errors"].values(),
+                                                         result["output_errors"].values()))
     worst = list(result["worst_parameters"].values())
     assert len(worst) == 5 and worst == sorted(worst, reverse=True) and worst[0] > 0
     parameters = {name for name, _ in load_model(run / "checkpoints/step-0000002").named_parameters()}

@@ -68,7 +68,9 @@ def report_bf16_error(args, model, checkpoint, weights, objective, data, min_snr
     print(f"bf16 autocast against fp32 on {checkpoint} ({weights} weights, {objective.name}; {args.batches} batches "
           f"of {args.batch_size}): gradient error {result['gradient_error']:.3g} of its norm; its square is "
           f"{result['error_over_noise']:.3g} of the batch gradient's own variance tr(Sigma)/b")
-    print("  output error: " + ", ".join(f"{name} {error:.3g}" for name, error in result["output_errors"].items()))
+    scales = result["output_scale_errors"]
+    print("  output error (scale error): "
+          + ", ".join(f"{name} {error:.3g} ({scales[name]:+.2g})" for name, error in result["output_errors"].items()))
     print("  largest squared gradient error against the batch noise, per parameter tensor: "
           + ", ".join(f"{name} {ratio:.3g}" for name, ratio in result["worst_parameters"].items()))
     print(f"written to {out}")

@@ -123,6 +123,8 @@ def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: in
     error_over_noise: the mean |g_bf16 - g_fp32|^2 over tr(Sigma) / b, the variance of a batch gradient of b
     examples (estimated from the same K fp32 gradients): under 1, bf16's rounding adds less noise than the batch;
     output_errors: the relative error of each block's output and of the model's output, first batch;
+    output_scale_errors: how much larger (> 0) or smaller the bf16 outputs are along the fp32 ones, a bias where
+    the relative error is noise: <bf16, fp32> / |fp32|^2 - 1;
     worst_parameters: the LARGEST parameter tensors whose own error_over_noise is highest: where the error sits."""
     if batches < 2 or batch_size < 1:
         raise MPDiTError("the bf16 gradient error needs --batches >= 2 and --batch-size >= 1")
@@ -165,4 +167,6 @@ def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: in
     return {"batches": batches, "batch_size": batch_size, "seed": seed, "gradient_error": statistics.fmean(errors),
             "error_over_noise": (error_squares.sum() / variance.sum()).item(),
             "output_errors": {name: relative_error(low, reference) for name, (reference, low) in outputs.items()},
+            "output_scale_errors": {name: ((low * reference).sum() / reference.square().sum() - 1).item()
+                                    for name, (reference, low) in outputs.items()},
             "worst_parameters": {name: ratios[name] for name in worst}}
