@@ -246,21 +246,20 @@ class DiTBlock(nn.Module):
         """Modulation and residual coefficients of L blocks at once from their projections rows (N, L, 2 W)
         (per block: msa's, then mlp's), as tensors (N, L, 2, ...); the scales (1, L, 2, 1) of residual_scales."""
         vectors = dict(zip(self.ops, rows.unflatten(-1, (2, -1)).split(self.widths, dim=-1)))  # (N, L, 2, width)
-        if self.fold_stream_scale:
-            stream_scale = stream_scale.to(rows.dtype)
         return {"modulation": modulation_coefficients(vectors, input_scale=stream_scale if self.fold_stream_scale
                                                       else None),
                 "gate": self.branch_coefficient(vectors.get("gate"), branch_scale)}
 
     def branch_coefficient(self, gate: torch.Tensor | None, branch_scale: torch.Tensor | None) -> torch.Tensor | None:
         """What the residual multiplies the branch by: g = gate_offset + gate, and with mp_residual times
-        branch_scale, mp_sum's t / c over the stream's scale after the sum."""
+        branch_scale, mp_sum's t / c over the stream's scale after the sum. The float32 scale times the gate is
+        rounded to the gate's dtype per element, not the scale once (a bias: see modulation_coefficients)."""
         if branch_scale is None:
             return gate if gate is None or self.gate_offset == 0 else gate + self.gate_offset
-        branch_scale = branch_scale.to(gate.dtype if gate is not None else branch_scale.dtype)
         if gate is None:
             return branch_scale
-        return torch.addcmul(branch_scale, gate, branch_scale) if self.gate_offset else gate * branch_scale
+        product = torch.addcmul(branch_scale, gate, branch_scale) if self.gate_offset else gate * branch_scale
+        return product.to(gate.dtype)
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, coefficient: torch.Tensor | None) -> torch.Tensor:
         """x + coefficient * branch (branch_coefficient): DiT's residual, or mp_sum on the carried stream."""
@@ -399,8 +398,7 @@ class MPDiT(nn.Module, PyTorchModelHubMixin, library_name="mpdit", tags=["diffus
         rows = blocks.view(n, depth, -1)  # (N, L, 2 W)
         blocks_k = self.blocks[0].coefficients(rows, self.stream_scale, self.branch_scale) if depth else {}
         final_vectors = dict(zip(final.names, last.unsqueeze(1).split(final.widths, dim=-1)))
-        final_scale = None if self.final_scale is None else self.final_scale.to(last.dtype)
-        return per_block(blocks_k, depth), modulation_coefficients(final_vectors, input_scale=final_scale)
+        return per_block(blocks_k, depth), modulation_coefficients(final_vectors, input_scale=self.final_scale)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W); token features ordered (p, q, c), tokens row-major."""
