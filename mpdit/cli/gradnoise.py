@@ -27,6 +27,21 @@ def describe(scale: dict) -> str:
     return f"B_simple {b} (tr Sigma {scale['trace_sigma']:.4g}, |G|^2 {scale['grad_norm_sq']:.4g})"
 
 
+def noise_scale_lines(result: dict, source: str) -> list[str]:
+    lines = [f"gradient noise scale of {source}: {describe(result['total'])}"]
+    return lines + [f"  time {b['range'][0]:g}-{b['range'][1]:g}: {describe(b)}" for b in result["bins"]]
+
+
+def bf16_error_lines(result: dict, source: str) -> list[str]:
+    scales = result["output_scale_errors"]
+    return [f"bf16 autocast against fp32 on {source}: gradient error {result['gradient_error']:.3g} of its norm; its "
+            f"square is {result['error_over_noise']:.3g} of the batch gradient's own variance tr(Sigma)/b",
+            "  output error (scale error): " + ", ".join(f"{name} {error:.3g} ({scales[name]:+.2g})"
+                                                        for name, error in result["output_errors"].items()),
+            "  largest squared gradient error against the batch noise, per parameter tensor: "
+            + ", ".join(f"{name} {ratio:.3g}" for name, ratio in result["worst_parameters"].items())]
+
+
 def run(args) -> int:
     if args.out:
         refuse_needed_file(args.out, "--out")
@@ -35,44 +50,23 @@ def run(args) -> int:
     objective = checkpoint_objective(checkpoint, model)
     data = load_dataset(run_data_spec(checkpoint), "train", model.config.input_size)
     min_snr_gamma = run_train_config(checkpoint).get("min_snr_gamma", 0.0)
+    options = dict(batches=args.batches, batch_size=args.batch_size, seed=args.seed, min_snr_gamma=min_snr_gamma,
+                   device=device)
     if args.bf16_error:
-        return report_bf16_error(args, model, checkpoint, weights, objective, data, min_snr_gamma, device)
-    result = gradient_noise_scale(model, objective, data, batches=args.batches, batch_size=args.batch_size,
-                                  bins=args.bins, seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
+        result = bf16_gradient_error(model, objective, data, **options)
+        file, what, lines = "bf16-error.json", "the bf16 gradient error", bf16_error_lines
+    else:
+        result = gradient_noise_scale(model, objective, data, bins=args.bins, **options)
+        file, what, lines = "gradnoise.json", "the gradient noise scale", noise_scale_lines
     result = {"checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint), "weights": weights,
               "objective": objective.name, "min_snr_gamma": min_snr_gamma, **result}
-    out = Path(args.out) if args.out else checkpoint / "gradnoise.json"
-    atomic_write_text(out, strict_json(result, "the gradient noise scale", indent=2))
+    out = Path(args.out) if args.out else checkpoint / file
+    atomic_write_text(out, strict_json(result, what, indent=2))
     if args.json:
-        print(strict_json(result | {"written_to": str(out)}, "the gradient noise scale"))
+        print(strict_json(result | {"written_to": str(out)}, what))
         return 0
-    print(f"gradient noise scale of {checkpoint} ({weights} weights, {objective.name}; {args.batches} batches of "
-          f"{args.batch_size}): {describe(result['total'])}")
-    for b in result["bins"]:
-        low, high = b["range"]
-        print(f"  time {low:g}-{high:g}: {describe(b)}")
-    print(f"written to {out}")
-    return 0
-
-
-def report_bf16_error(args, model, checkpoint, weights, objective, data, min_snr_gamma, device) -> int:
-    result = bf16_gradient_error(model, objective, data, batches=args.batches, batch_size=args.batch_size,
-                                 seed=args.seed, min_snr_gamma=min_snr_gamma, device=device)
-    result = {"checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint), "weights": weights,
-              "objective": objective.name, "min_snr_gamma": min_snr_gamma, **result}
-    out = Path(args.out) if args.out else checkpoint / "bf16-error.json"
-    atomic_write_text(out, strict_json(result, "the bf16 gradient error", indent=2))
-    if args.json:
-        print(strict_json(result | {"written_to": str(out)}, "the bf16 gradient error"))
-        return 0
-    print(f"bf16 autocast against fp32 on {checkpoint} ({weights} weights, {objective.name}; {args.batches} batches "
-          f"of {args.batch_size}): gradient error {result['gradient_error']:.3g} of its norm; its square is "
-          f"{result['error_over_noise']:.3g} of the batch gradient's own variance tr(Sigma)/b")
-    scales = result["output_scale_errors"]
-    print("  output error (scale error): "
-          + ", ".join(f"{name} {error:.3g} ({scales[name]:+.2g})" for name, error in result["output_errors"].items()))
-    print("  largest squared gradient error against the batch noise, per parameter tensor: "
-          + ", ".join(f"{name} {ratio:.3g}" for name, ratio in result["worst_parameters"].items()))
+    source = f"{checkpoint} ({weights} weights, {objective.name}; {args.batches} batches of {args.batch_size})"
+    print("\n".join(lines(result, source)))
     print(f"written to {out}")
     return 0
 
