@@ -608,12 +608,12 @@ def write_results(out: Path, runs: list[tuple[str, int, dict]], budget: Budget, 
             plot_curves(best_guidance(lines), out / "curves.png")
         diverged = {name for name, _, run in runs if "diverged" in run}
         points = {step: scored_points(lines, step, diverged) for step in budget.evaluated_steps[::-1]}
-        if points[budget.steps] and not swept(points[budget.steps]):  # FAMILY-wWIDTH@lr=LR rows, one lr each
+        final = points[budget.steps]  # rows named FAMILY-wWIDTH@lr=LR
+        if final and not swept(final):  # one lr each: their losses, every step
             text += "".join(loss_per_width_markdown(at, step) for step, at in points.items() if at)
-        elif points[budget.steps]:  # rows named FAMILY-wWIDTH@lr=LR: the final step's tables, then the earlier steps'
-            text += best_lr_markdown(points[budget.steps], budget.steps)
-            text += tuned_narrow_markdown(points[budget.steps], budget.steps)
+        elif final:  # an lr sweep: the final step's tables, then the earlier steps'
+            text += best_lr_markdown(final, budget.steps) + tuned_narrow_markdown(final, budget.steps)
             text += "".join(best_lr_markdown(at, step) for step, at in points.items() if at and step != budget.steps)
-            plot_transfer(points[budget.steps], out / "lr-transfer.png", budget.steps)
+            plot_transfer(final, out / "lr-transfer.png", budget.steps)
     atomic_write_text(out / "results.md", text + diverged_table(runs))
     return best

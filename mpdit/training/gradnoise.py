@@ -79,6 +79,17 @@ def batch_gradient(model: MPDiT, objective: Objective, data, index: torch.Tensor
     return flat_gradient(model)
 
 
+def seeded_batch_gradient(model: MPDiT, objective: Objective, data, seed: int, j: int, k: int, batch_size: int,
+                          level: tuple | None, **options) -> torch.Tensor:
+    """batch_gradient on batch k of bin j (level: its time range; None: times drawn as in training), whose images,
+    times, noise and label dropout all come from a generator seeded by (seed, j, k)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + j) * 100_003 + k)
+    index = torch.randint(0, len(data), (batch_size,), generator=generator)
+    t = objective.draw_times(batch_size, generator) if level is None else \
+        objective.draw_times_between(batch_size, generator, *level)
+    return batch_gradient(model, objective, data, index, t, generator, **options)
+
+
 def gradient_noise_scale(model: MPDiT, objective: Objective, data, *, batches: int = 32, batch_size: int = 64,
                          bins: int = 5, seed: int = 0, min_snr_gamma: float = 0.0, device="cpu") -> dict:
     """B_simple in total (times drawn as in training) and per noise-level bin, on the model's current weights in
@@ -92,12 +103,8 @@ def gradient_noise_scale(model: MPDiT, objective: Objective, data, *, batches: i
     for j, level in enumerate([None, *levels]):
         moments = GradientMoments()
         for k in range(batches):
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + j) * 100_003 + k)
-            index = torch.randint(0, len(data), (batch_size,), generator=generator)
-            t = objective.draw_times(batch_size, generator) if level is None else \
-                objective.draw_times_between(batch_size, generator, *level)
-            moments.add(batch_gradient(model, objective, data, index, t, generator, min_snr_gamma=min_snr_gamma,
-                                       device=device))
+            moments.add(seeded_batch_gradient(model, objective, data, seed, j, k, batch_size, level,
+                                              min_snr_gamma=min_snr_gamma, device=device))
         scale = moments.noise_scale(batch_size)
         if level is None:
             result["total"] = scale
@@ -142,19 +149,17 @@ def bf16_gradient_error(model: MPDiT, objective: Objective, data, *, batches: in
         for k in range(batches):
             gradients = []
             for bf16 in (False, True):
-                generator = torch.Generator().manual_seed(seed * 1_000_003 * 100_003 + k)
-                index = torch.randint(0, len(data), (batch_size,), generator=generator)
-                t = objective.draw_times(batch_size, generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    gradients.append(batch_gradient(model, objective, data, index, t, generator,
-                                                    min_snr_gamma=min_snr_gamma, device=device))
+                    gradients.append(seeded_batch_gradient(model, objective, data, seed, 0, k, batch_size, None,
+                                                           min_snr_gamma=min_snr_gamma, device=device))
+            if k == 0:  # the activations of the first batch only; the gradient's layout is the same for every batch
+                for hook in hooks:
+                    hook.remove()
+                layout = [(name, p.numel()) for name, p in gradient_parameters(model)]
             reference, low = gradients
-            layout = [(name, p.numel()) for name, p in gradient_parameters(model)]
             moments.add(reference)
             errors.append(relative_error(low, reference))
             error_squares = error_squares + (low.double() - reference.double()).square()  # per coordinate
-            for hook in hooks:  # the activations of the first batch only
-                hook.remove()
     finally:
         for hook in hooks:
             hook.remove()
