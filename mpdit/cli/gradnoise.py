@@ -1,5 +1,5 @@
 """`mpdit gradnoise`: the simple gradient noise scale B = tr(Sigma) / |G|^2 (McCandlish et al. 2018) of a checkpoint's
-training loss, in total and per noise-level bin (mpdit.training.gradnoise).
+training loss, in total and per noise-level bin, each ± its jackknife standard error (mpdit.training.gradnoise).
 
     mpdit gradnoise --ckpt RUN_OR_CHECKPOINT [--batches 32] [--batch-size 64] [--bins 5] [--seed 0] [--json]
     mpdit gradnoise --ckpt RUN_OR_CHECKPOINT --bf16-error [--batches 32] [--batch-size 64]
@@ -23,7 +23,8 @@ from mpdit.training.outputs import refuse_needed_file
 
 
 def describe(scale: dict) -> str:
-    b = "not measurable (|G|^2 <= 0 at this many batches)" if scale["b_simple"] is None else f"{scale['b_simple']:.4g}"
+    se = "" if scale["b_simple_se"] is None else f" ± {scale['b_simple_se']:.2g}"
+    b = "not measurable (|G|^2 <= 0 at this many batches)" if scale["b_simple"] is None else f"{scale['b_simple']:.4g}{se}"
     return f"B_simple {b} (tr Sigma {scale['trace_sigma']:.4g}, |G|^2 {scale['grad_norm_sq']:.4g})"
 
 

@@ -17,8 +17,9 @@ LAYOUT = re.compile(r"^(?P<objective>[^/]+)/(?P<row>[^/]+)/seed-(?P<seed>\d+)/st
 
 def read_noise_scales(folder: str | Path) -> list[dict]:
     """Every result under ``folder`` in the layout above: {"objective", "row", "seed", "step", "total", "bins",
-    "ranges", "protocol"}, with total and bins the B_simple values (None where not measurable) and protocol
-    (batches, batch size, weights), ordered by the path's fields."""
+    "total_se", "bins_se", "ranges", "protocol"}, with total and bins the B_simple values (None where not measurable),
+    the _se their jackknife standard errors (None where not measured) and protocol (batches, batch size, weights),
+    ordered by the path's fields."""
     folder = Path(folder)
     results = []
     for path in sorted(folder.rglob("*.json")):
@@ -31,16 +32,23 @@ def read_noise_scales(folder: str | Path) -> list[dict]:
                              f"{match['objective']}/: move it to its objective's folder")
         results.append({"objective": match["objective"], "row": match["row"], "seed": int(match["seed"]),
                         "step": int(match["step"]), "total": saved["total"]["b_simple"],
-                        "bins": [b["b_simple"] for b in saved["bins"]], "ranges": [b["range"] for b in saved["bins"]],
+                        "bins": [b["b_simple"] for b in saved["bins"]], "total_se": saved["total"].get("b_simple_se"),
+                        "bins_se": [b.get("b_simple_se") for b in saved["bins"]],
+                        "ranges": [b["range"] for b in saved["bins"]],
                         "protocol": (saved["batches"], saved["batch_size"], saved["weights"])})
     return sorted(results, key=lambda r: (r["objective"], r["row"], r["step"], r["seed"]))
 
 
-def spread(values: list[float | None]) -> dict:
-    """{"mean", "sd", "n", "missing"} over the measurable values (None: not measurable at that many batches)."""
-    kept = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(kept) if kept else math.nan,
-            "sd": statistics.stdev(kept) if len(kept) > 1 else 0.0, "n": len(kept), "missing": len(values) - len(kept)}
+def spread(values: list[float | None], errors: list[float | None]) -> dict:
+    """{"mean", "sd", "n", "missing", "se"} over the measurable values (None: not measurable at that many batches);
+    se: the root mean square of their standard errors (the part of the spread over seeds that is measurement noise),
+    None where one is missing."""
+    kept = [(v, e) for v, e in zip(values, errors) if v is not None]
+    ses = [e for _, e in kept]
+    return {"mean": statistics.fmean(v for v, _ in kept) if kept else math.nan,
+            "sd": statistics.stdev(v for v, _ in kept) if len(kept) > 1 else 0.0, "n": len(kept),
+            "missing": len(values) - len(kept),
+            "se": math.sqrt(statistics.fmean(e * e for e in ses)) if kept and None not in ses else None}
 
 
 def summarize_noise_scales(results: list[dict]) -> list[dict]:
@@ -49,8 +57,9 @@ def summarize_noise_scales(results: list[dict]) -> list[dict]:
     for r in results:
         groups.setdefault((r["objective"], r["row"], r["step"]), []).append(r)
     return [{"objective": objective, "row": row, "step": step, "seeds": len(runs), "ranges": runs[0]["ranges"],
-             "total": spread([r["total"] for r in runs]),
-             "bins": [spread([r["bins"][j] for r in runs]) for j in range(len(runs[0]["bins"]))]}
+             "total": spread([r["total"] for r in runs], [r["total_se"] for r in runs]),
+             "bins": [spread([r["bins"][j] for r in runs], [r["bins_se"][j] for r in runs])
+                      for j in range(len(runs[0]["bins"]))]}
             for (objective, row, step), runs in groups.items()]
 
 
@@ -58,16 +67,19 @@ def cell(s: dict) -> str:
     if s["n"] == 0:
         return "not measurable"
     text = f"{s['mean']:.3g}" + (f" ± {s['sd']:.2g}" if s["n"] > 1 else "")
-    return text + (f" ({s['missing']} not measurable)" if s["missing"] else "")
+    notes = ([] if s["se"] is None else [f"se {s['se']:.2g}"]) + ([f"{s['missing']} not measurable"] if s["missing"] else [])
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def noise_markdown(lines: list[dict]) -> str:
-    """The table: B_simple mean ± sd over seeds, in total and per noise-level bin (low noise first)."""
+    """The table: B_simple mean ± sd over seeds (se: the measurements' jackknife standard error, root mean square
+    over the seeds), in total and per noise-level bin (low noise first)."""
     out = []
     for objective in sorted({line["objective"] for line in lines}):
         rows = [line for line in lines if line["objective"] == objective]
         ranges = rows[0]["ranges"]
-        out += [f"\n### {objective}: B_simple = tr(Sigma) / |G|^2 (mean ± sd over seeds)\n",
+        out += [f"\n### {objective}: B_simple = tr(Sigma) / |G|^2 (mean ± sd over seeds; se: one measurement's "
+                "jackknife standard error)\n",
                 "| row | step | seeds | total | " + " | ".join(f"time {lo:g}-{hi:g}" for lo, hi in ranges) + " |",
                 "|---|---|---|---|" + "---|" * len(ranges)]
         out += [f"| {line['row']} | {line['step']:,} | {line['seeds']} | {cell(line['total'])} | "
@@ -75,9 +87,14 @@ def noise_markdown(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def error_bar(s: dict) -> float:
+    """One sd over seeds; with one seed its jackknife standard error (0 where there is none)."""
+    return s["sd"] if s["n"] > 1 else s["se"] or 0.0
+
+
 def plot_noise_scales(lines: list[dict], path: str | Path) -> Path:
     """A column per objective: B_simple in total against the step (top) and per noise-level bin at the last step
-    (bottom), one line per row, error bars one sd over seeds; log scale."""
+    (bottom), one line per row, error bars one sd over seeds (one seed: its jackknife standard error); log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,10 +108,10 @@ def plot_noise_scales(lines: list[dict], path: str | Path) -> Path:
             mine = sorted((line for line in lines if line["objective"] == objective and line["row"] == row),
                           key=lambda line: line["step"])
             axes[0][k].errorbar([line["step"] for line in mine], [line["total"]["mean"] for line in mine],
-                                yerr=[line["total"]["sd"] for line in mine], marker="o", capsize=3, label=row)
+                                yerr=[error_bar(line["total"]) for line in mine], marker="o", capsize=3, label=row)
             last = mine[-1]
             middles = [(lo + hi) / 2 for lo, hi in last["ranges"]]
-            axes[1][k].errorbar(middles, [b["mean"] for b in last["bins"]], yerr=[b["sd"] for b in last["bins"]],
+            axes[1][k].errorbar(middles, [b["mean"] for b in last["bins"]], yerr=[error_bar(b) for b in last["bins"]],
                                 marker="o", capsize=3, label=f"{row}, step {last['step']:,}")
         axes[0][k].set(yscale="log", xlabel="training step", ylabel="B_simple (all noise levels)", title=objective)
         axes[1][k].set(yscale="log", xlabel="time (noise level, bin middle)", ylabel="B_simple in the bin")

@@ -9,6 +9,12 @@ tr(Sigma) = b * sum_i var_k(g_k,i), and |G|^2 = |g_bar|^2 - tr(Sigma) / (b K) (u
 |G|^2 by the variance of the mean). The moments are accumulated coordinate-wise in float64, so memory is three
 copies of the parameters whatever K.
 
+Its standard error is the delete-one-batch jackknife (Efron and Stein 1981): B recomputed from the K - 1 batches
+left when batch k is dropped, se = sqrt((K - 1) / K * sum_k (B_-k - mean B_-k)^2). B is a function of two scalars,
+sum_k |g_k|^2 and |sum_k g_k|^2, so each B_-k needs only |g_k|^2 and <sum_k g_k, g_k>; the sum is known after the
+last batch, so a second pass recomputes each seeded batch gradient for its dot product: the measurement costs two
+gradients per batch, and no more memory.
+
 Per noise level: the same with every example's time drawn uniformly within one of ``bins`` equal bins of the
 objective's time (DDPM: steps; flow: t), which shows where along the noise levels the gradient is noisy.
 
@@ -16,6 +22,7 @@ The same batches also measure what bf16 autocast does to the gradient (bf16_grad
 set against the batch's own sampling noise, tr(Sigma) / b.
 """
 
+import math
 import statistics
 
 import torch
@@ -30,7 +37,7 @@ class GradientMoments:
     """Running coordinate-wise sum and sum of squares (float64) of flattened gradients."""
 
     def __init__(self):
-        self.count, self.total, self.squares = 0, None, None
+        self.count, self.total, self.squares, self.norms_sq = 0, None, None, []
 
     def add(self, gradient: torch.Tensor) -> None:
         g = gradient.detach().double().flatten()
@@ -38,6 +45,7 @@ class GradientMoments:
             self.total, self.squares = torch.zeros_like(g), torch.zeros_like(g)
         self.total += g
         self.squares += g * g
+        self.norms_sq.append(g.square().sum().item())
         self.count += 1
 
     def variance(self) -> torch.Tensor:
@@ -57,6 +65,29 @@ class GradientMoments:
         norm_sq = biased - trace_sigma / (batch_size * k)
         return {"b_simple": trace_sigma / norm_sq if norm_sq > 0 else None, "trace_sigma": trace_sigma,
                 "grad_norm_sq": norm_sq, "grad_norm_sq_biased": biased}
+
+    def jackknife_error(self, batch_size: int, dots: list[float]) -> float | None:
+        """The delete-one-batch jackknife standard error of B_simple; dots[k] = <sum of the gradients added, g_k>.
+        None with fewer than 3 gradients or where a B_-k is not measurable."""
+        k = self.count
+        if k < 3:
+            return None
+        norms_total, sum_sq = sum(self.norms_sq), self.total.square().sum().item()
+        left_out = [noise_scale_from_sums(k - 1, batch_size, norms_total - n, sum_sq - 2 * d + n)
+                    for n, d in zip(self.norms_sq, dots)]
+        if None in left_out:
+            return None
+        mean = statistics.fmean(left_out)
+        return math.sqrt((k - 1) / k * sum((b - mean) ** 2 for b in left_out))
+
+
+def noise_scale_from_sums(count: int, batch_size: int, norms_sq_total: float, sum_sq: float) -> float | None:
+    """B_simple of K = count gradients from sum_k |g_k|^2 and |sum_k g_k|^2 (as GradientMoments.noise_scale):
+    sum_i var_k(g_k,i) = (sum_k |g_k|^2 - |sum_k g_k|^2 / K) / (K - 1), times b for tr(Sigma);
+    |G|^2 = |sum_k g_k|^2 / K^2 - tr(Sigma) / (b K). None where |G|^2 is not positive."""
+    trace_sigma = batch_size * (norms_sq_total - sum_sq / count) / (count - 1)
+    norm_sq = sum_sq / count ** 2 - trace_sigma / (batch_size * count)
+    return trace_sigma / norm_sq if norm_sq > 0 else None
 
 
 def gradient_parameters(model: MPDiT) -> list[tuple[str, torch.nn.Parameter]]:
@@ -92,9 +123,11 @@ def seeded_batch_gradient(model: MPDiT, objective: Objective, data, seed: int, j
 
 def gradient_noise_scale(model: MPDiT, objective: Objective, data, *, batches: int = 32, batch_size: int = 64,
                          bins: int = 5, seed: int = 0, min_snr_gamma: float = 0.0, device="cpu") -> dict:
-    """B_simple in total (times drawn as in training) and per noise-level bin, on the model's current weights in
-    training mode; batch k of bin j draws its images, times, noise and label dropout from a generator seeded by
-    (seed, j, k). Returns {"total": {...}, "bins": [{"range", ...}], "batches", "batch_size", "seed"}."""
+    """B_simple and its jackknife standard error (b_simple_se) in total (times drawn as in training) and per
+    noise-level bin, on the model's current weights in training mode; batch k of bin j draws its images, times,
+    noise and label dropout from a generator seeded by (seed, j, k), so the second pass (the jackknife's dot
+    products) sees the same gradients. Returns {"total": {...}, "bins": [{"range", ...}], "batches",
+    "batch_size", "seed"}."""
     if batches < 2 or batch_size < 1 or bins < 1:
         raise MPDiTError("the gradient noise scale needs --batches >= 2, --batch-size >= 1 and --bins >= 1")
     model.train()
@@ -102,10 +135,15 @@ def gradient_noise_scale(model: MPDiT, objective: Objective, data, *, batches: i
     result = {"batches": batches, "batch_size": batch_size, "seed": seed, "bins": []}
     for j, level in enumerate([None, *levels]):
         moments = GradientMoments()
+
+        def gradient(k):
+            return seeded_batch_gradient(model, objective, data, seed, j, k, batch_size, level,
+                                         min_snr_gamma=min_snr_gamma, device=device)
+
         for k in range(batches):
-            moments.add(seeded_batch_gradient(model, objective, data, seed, j, k, batch_size, level,
-                                              min_snr_gamma=min_snr_gamma, device=device))
-        scale = moments.noise_scale(batch_size)
+            moments.add(gradient(k))
+        dots = [moments.total.dot(gradient(k).double().flatten()).item() for k in range(batches)]
+        scale = {**moments.noise_scale(batch_size), "b_simple_se": moments.jackknife_error(batch_size, dots)}
         if level is None:
             result["total"] = scale
         else:
