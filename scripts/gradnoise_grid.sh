@@ -9,27 +9,31 @@
 # OUT/OBJECTIVE/ROW/seed-S/step-N.json, and OUT/results.md + OUT/noise-scale.png. Resumable: finished runs and
 # measurements are skipped.
 #   bash scripts/gradnoise_grid.sh [OUT]      (default docs/results/gradnoise; about 4 h on 2 quiet CPU cores)
+# The same checkpoints at their power-function EMA (the weights the samples come from), without retraining:
+#   WEIGHTS=sigma-0.100 DDPM_OUT=docs/results/gradnoise/ddpm-runs bash scripts/gradnoise_grid.sh docs/results/gradnoise-ema
 # Smoke test at tiny scale: FLOW_OUT=/tmp/f STEPS="2 4" ABLATE_OPTIONS="--model DiT-Nano/4 --steps 4 --eval-steps 2
 #   --batch-size 16 --eval-num 10 --sample-steps 2 --cfg-scale 3" bash scripts/gradnoise_grid.sh /tmp/g
 set -euo pipefail
 out=${1:-docs/results/gradnoise}
 rows=dit-warmup@lr=0.003,mp-srg@lr=0.03
 flow_runs=${FLOW_OUT:-docs/results/mnist-5k-flow}
+ddpm_runs=${DDPM_OUT:-$out/ddpm-runs}
+weights=${WEIGHTS:-raw}
 steps=${STEPS:-1000 2000 3000 5000}
 # shellcheck disable=SC2086  # ABLATE_OPTIONS is a list of options
-mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$out/ddpm-runs" --only "$rows" --seeds 2 --eval-num 100 \
+mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$ddpm_runs" --only "$rows" --seeds 2 --eval-num 100 \
   --cfg-scale 3 ${ABLATE_OPTIONS:-} > /dev/null
 # shellcheck disable=SC2086
 mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 2 ${ABLATE_OPTIONS:-} > /dev/null
 for objective in ddpm flow; do
-  runs=$out/ddpm-runs/runs; [ "$objective" = flow ] && runs=$flow_runs/runs
+  runs=$ddpm_runs/runs; [ "$objective" = flow ] && runs=$flow_runs/runs
   for row in ${rows//,/ }; do
     for seed in 0 1; do
       for step in $steps; do
         result=$out/$objective/$row/seed-$seed/step-$step.json
         [ -f "$result" ] && continue
         mkdir -p "$(dirname "$result")"
-        mpdit gradnoise --ckpt "$runs/$row/seed-$seed/checkpoints/$(printf 'step-%07d' "$step")" --out "$result" | sed -n 1p
+        mpdit gradnoise --weights "$weights" --ckpt "$runs/$row/seed-$seed/checkpoints/$(printf 'step-%07d' "$step")" --out "$result" | sed -n 1p
       done
     done
   done
