@@ -8,7 +8,8 @@
 # Then `mpdit gradnoise` (32 batches of 64, 5 bins, raw weights) on every checkpoint, written to
 # OUT/OBJECTIVE/ROW/seed-S/step-N.json, and OUT/results.md + OUT/noise-scale.png. Resumable: finished runs and
 # measurements are skipped.
-#   bash scripts/gradnoise_grid.sh [OUT]      (default docs/results/gradnoise; about 4 h on 2 quiet CPU cores)
+#   bash scripts/gradnoise_grid.sh [OUT]      (default docs/results/gradnoise; about 5 h on 2 quiet CPU cores,
+#                                             of which the 32 measurements take about 1 h)
 # The same checkpoints at their power-function EMA (the weights the samples come from), without retraining:
 #   WEIGHTS=sigma-0.100 DDPM_OUT=docs/results/gradnoise/ddpm-runs bash scripts/gradnoise_grid.sh docs/results/gradnoise-ema
 # Smoke test at tiny scale: FLOW_OUT=/tmp/f STEPS="2 4" ABLATE_OPTIONS="--model DiT-Nano/4 --steps 4 --eval-steps 2
