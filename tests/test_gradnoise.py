@@ -11,7 +11,7 @@ from mpdit.cli.main import main
 from mpdit.errors import MPDiTError
 from mpdit.evaluation.noise_scales import write_noise_report
 from mpdit.model.dit import load_model
-from mpdit.training.gradnoise import GradientMoments, noise_scale_from_sums
+from mpdit.training.gradnoise import GradientMoments
 
 
 def test_estimator_recovers_a_known_gradient_covariance():
@@ -51,8 +51,8 @@ def test_jackknife_leaves_out_each_batch_in_turn():
     mean = sum(left_out) / k
     expected = math.sqrt((k - 1) / k * sum((v - mean) ** 2 for v in left_out))
     assert moments.jackknife_error(b, dots) == pytest.approx(expected, rel=1e-9)
-    assert noise_scale_from_sums(k, b, sum(moments.norms_sq), moments.total.square().sum().item()) == \
-        pytest.approx(moments.noise_scale(b)["b_simple"], rel=1e-9)
+    # the two scalar sums give the coordinate-wise variance's trace
+    assert moments.noise_scale(b)["trace_sigma"] == pytest.approx(b * moments.variance().sum().item(), rel=1e-9)
     assert moments_of(gradients[:2]).jackknife_error(b, dots[:2]) is None  # 2 batches leave 1: no variance
 
 

@@ -24,7 +24,8 @@ from mpdit.training.outputs import refuse_needed_file
 
 def describe(scale: dict) -> str:
     se = "" if scale["b_simple_se"] is None else f" ± {scale['b_simple_se']:.2g}"
-    b = "not measurable (|G|^2 <= 0 at this many batches)" if scale["b_simple"] is None else f"{scale['b_simple']:.4g}{se}"
+    b = ("not measurable (|G|^2 <= 0 at this many batches)" if scale["b_simple"] is None
+         else f"{scale['b_simple']:.4g}{se}")
     return f"B_simple {b} (tr Sigma {scale['trace_sigma']:.4g}, |G|^2 {scale['grad_norm_sq']:.4g})"
 
 

@@ -67,7 +67,8 @@ def cell(s: dict) -> str:
     if s["n"] == 0:
         return "not measurable"
     text = f"{s['mean']:.3g}" + (f" ± {s['sd']:.2g}" if s["n"] > 1 else "")
-    notes = ([] if s["se"] is None else [f"se {s['se']:.2g}"]) + ([f"{s['missing']} not measurable"] if s["missing"] else [])
+    notes = (([] if s["se"] is None else [f"se {s['se']:.2g}"])
+             + ([f"{s['missing']} not measurable"] if s["missing"] else []))
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -6,8 +6,10 @@ gradient estimate is as large as the gradient itself: a larger B means noisier g
 Estimated from K independent mini-batch gradients g_1..g_K of b examples each (fixed seeds): the mean g_bar
 estimates G, the per-coordinate sample variance of the g_k summed estimates tr(Sigma) / b, so
 tr(Sigma) = b * sum_i var_k(g_k,i), and |G|^2 = |g_bar|^2 - tr(Sigma) / (b K) (unbiased: |g_bar|^2 overestimates
-|G|^2 by the variance of the mean). The moments are accumulated coordinate-wise in float64, so memory is three
-copies of the parameters whatever K.
+|G|^2 by the variance of the mean). Both follow from the running sum of the g_k and the sum of their squared
+norms (float64): sum_i var_k(g_k,i) = (sum_k |g_k|^2 - |sum_k g_k|^2 / K) / (K - 1). The coordinate-wise sum of
+squares is kept too, for bf16_gradient_error's per-tensor variance: memory is three copies of the parameters
+whatever K.
 
 Its standard error is the delete-one-batch jackknife (Efron and Stein 1981): B recomputed from the K - 1 batches
 left when batch k is dropped, se = sqrt((K - 1) / K * sum_k (B_-k - mean B_-k)^2). B is a function of two scalars,
@@ -59,12 +61,9 @@ class GradientMoments:
     def noise_scale(self, batch_size: int) -> dict:
         """{"b_simple", "trace_sigma", "grad_norm_sq", "grad_norm_sq_biased"} from the K >= 2 gradients added;
         b_simple is None where the unbiased |G|^2 is not positive (the mean gradient is lost in the noise at this K)."""
-        k = self.count
-        trace_sigma = batch_size * self.variance().sum().item()
-        biased = (self.total / k).square().sum().item()
-        norm_sq = biased - trace_sigma / (batch_size * k)
-        return {"b_simple": trace_sigma / norm_sq if norm_sq > 0 else None, "trace_sigma": trace_sigma,
-                "grad_norm_sq": norm_sq, "grad_norm_sq_biased": biased}
+        if self.count < 2:
+            raise MPDiTError(f"the gradient noise scale needs at least 2 batches, got {self.count}")
+        return noise_scale_from_sums(self.count, batch_size, sum(self.norms_sq), self.total.square().sum().item())
 
     def jackknife_error(self, batch_size: int, dots: list[float]) -> float | None:
         """The delete-one-batch jackknife standard error of B_simple; dots[k] = <sum of the gradients added, g_k>.
@@ -73,7 +72,7 @@ class GradientMoments:
         if k < 3:
             return None
         norms_total, sum_sq = sum(self.norms_sq), self.total.square().sum().item()
-        left_out = [noise_scale_from_sums(k - 1, batch_size, norms_total - n, sum_sq - 2 * d + n)
+        left_out = [noise_scale_from_sums(k - 1, batch_size, norms_total - n, sum_sq - 2 * d + n)["b_simple"]
                     for n, d in zip(self.norms_sq, dots)]
         if None in left_out:
             return None
@@ -81,13 +80,15 @@ class GradientMoments:
         return math.sqrt((k - 1) / k * sum((b - mean) ** 2 for b in left_out))
 
 
-def noise_scale_from_sums(count: int, batch_size: int, norms_sq_total: float, sum_sq: float) -> float | None:
-    """B_simple of K = count gradients from sum_k |g_k|^2 and |sum_k g_k|^2 (as GradientMoments.noise_scale):
+def noise_scale_from_sums(count: int, batch_size: int, norms_sq_total: float, sum_sq: float) -> dict:
+    """GradientMoments.noise_scale's dict for K = count gradients from two scalars, sum_k |g_k|^2 and |sum_k g_k|^2:
     sum_i var_k(g_k,i) = (sum_k |g_k|^2 - |sum_k g_k|^2 / K) / (K - 1), times b for tr(Sigma);
-    |G|^2 = |sum_k g_k|^2 / K^2 - tr(Sigma) / (b K). None where |G|^2 is not positive."""
+    |G|^2 = |sum_k g_k|^2 / K^2 - tr(Sigma) / (b K); b_simple None where |G|^2 is not positive."""
     trace_sigma = batch_size * (norms_sq_total - sum_sq / count) / (count - 1)
-    norm_sq = sum_sq / count ** 2 - trace_sigma / (batch_size * count)
-    return trace_sigma / norm_sq if norm_sq > 0 else None
+    biased = sum_sq / count ** 2
+    norm_sq = biased - trace_sigma / (batch_size * count)
+    return {"b_simple": trace_sigma / norm_sq if norm_sq > 0 else None, "trace_sigma": trace_sigma,
+            "grad_norm_sq": norm_sq, "grad_norm_sq_biased": biased}
 
 
 def gradient_parameters(model: MPDiT) -> list[tuple[str, torch.nn.Parameter]]:
