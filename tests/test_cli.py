@@ -8,6 +8,7 @@ import pytest
 
 import mpdit
 from mpdit.cli.main import SUBCOMMANDS, build_parser, main
+from mpdit.cli.quickstart import QUICKSTART_STEPS
 from mpdit.cli.threads import busy_cores, thread_plan
 
 
@@ -113,13 +114,13 @@ def test_train_help_describes_every_option_and_its_default():
         if action.default not in (None, False) and action.dest not in ("option_defaults",):
             assert "default" in action.help, f"--{action.dest} does not show its default"
     text = train.format_help()
-    assert "--min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile" in text  # says how the quickstart's recipe differs
+    assert f"--min-snr-gamma 5 --lr 3e-2 --steps {QUICKSTART_STEPS} --compile" in text  # how the quickstart's differs
 
 
 def test_quickstart_help_lists_its_recipe_and_files():
     text = build_parser()._subparsers._group_actions[0].choices["quickstart"].format_help()
     assert "recipe below" not in text
-    for words in ("--min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile", "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
+    for words in (f"--min-snr-gamma 5 --lr 3e-2 --steps {QUICKSTART_STEPS} --compile", "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
         assert words in text
 
 

@@ -1,7 +1,7 @@
 """`mpdit train`: train a model on a dataset (one process, or many under torchrun); `--resume DIR` continues a run.
 
 The defaults are a plain recipe (3,000 steps, no Min-SNR weighting). `mpdit quickstart` trains with a different
-one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 3000 --compile --out runs/quickstart`, the other options at
+one: `mpdit train --min-snr-gamma 5 --lr 3e-2 --steps 4000 --compile --out runs/quickstart`, the other options at
 their defaults.
 
 Preemption: SIGTERM (Slurm, Kubernetes, `timeout`) or SIGUSR1 (Slurm's --signal warning) finishes the current step,
