@@ -43,7 +43,7 @@ from mpdit.training.train import read_run_configs
 # the EDM2 schedule) plus Min-SNR-5 loss weighting, which doubled how fast class accuracy rises on MNIST (71% instead
 # of 41% at 4,000 steps; docs/results.md), and lr 3e-2 instead of 1e-2: in the 5,000-step grid
 # (docs/results/mnist-5k) it passed 94% class accuracy at guidance 6 by step 3,000 on all 3 seeds and 99% by step
-# 5,000, where 1e-2 needs 5,000 steps for 90% (1e-1 diverged). 4,000 steps, not 3,000: step 3,000 is still on the
+# 5,000, where 1e-2 reached 89.8% only at step 5,000 (1e-1 diverged). 4,000 steps, not 3,000: step 3,000 is still on the
 # steep part of the curve, where one quickstart run measured 96.3% and another (another thread count) 87.5%, which
 # reached 98.4% by step 4,000 (README).
 QUICKSTART_STEPS = 4000
