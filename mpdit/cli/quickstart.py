@@ -43,9 +43,9 @@ from mpdit.training.train import read_run_configs
 # the EDM2 schedule) plus Min-SNR-5 loss weighting, which doubled how fast class accuracy rises on MNIST (71% instead
 # of 41% at 4,000 steps; docs/results.md), and lr 3e-2 instead of 1e-2: in the 5,000-step grid
 # (docs/results/mnist-5k) it passed 94% class accuracy at guidance 6 by step 3,000 on all 3 seeds and 99% by step
-# 5,000, where 1e-2 reached 89.8% only at step 5,000 (1e-1 diverged). 4,000 steps, not 3,000: step 3,000 is still on the
-# steep part of the curve, where one quickstart run measured 96.3% and another (another thread count) 87.5%, which
-# reached 98.4% by step 4,000 (README).
+# 5,000, where 1e-2 reached 89.8% only at step 5,000 (1e-1 diverged). 4,000 steps, not 3,000: step 3,000 is still
+# on the steep part of the curve, where one quickstart run measured 96.3% and another (another thread count) 87.5%,
+# which reached 98.4% by step 4,000 (README).
 QUICKSTART_STEPS = 4000
 QUICKSTART_TRAIN_OPTIONS = ["--min-snr-gamma", "5", "--lr", "3e-2"]
 # Guidance of the grid and the evaluation: 6 scored better than 4 in accuracy and FD at 2,000 and 4,000 steps.
