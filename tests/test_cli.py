@@ -120,7 +120,8 @@ def test_train_help_describes_every_option_and_its_default():
 def test_quickstart_help_lists_its_recipe_and_files():
     text = build_parser()._subparsers._group_actions[0].choices["quickstart"].format_help()
     assert "recipe below" not in text
-    for words in (f"--min-snr-gamma 5 --lr 3e-2 --steps {QUICKSTART_STEPS} --compile", "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
+    recipe = f"--min-snr-gamma 5 --lr 3e-2 --steps {QUICKSTART_STEPS} --compile"
+    for words in (recipe, "quickstart.npz", "step-NNNNNNN.png", "--no-progress", "--json"):
         assert words in text
 
 
