@@ -4,10 +4,13 @@
 # and under flow matching, 2 seeds each. The runs come from the grid files themselves, so they are the grids' rows:
 #   DDPM: docs/grids/mnist-5k-lr.json retrained into OUT/ddpm-runs (its issue-11 checkpoints were never kept), with a
 #         cheap side evaluation (100 samples at guidance 3) since only the checkpoints are wanted here;
-#   flow: docs/grids/mnist-5k-flow.json's own runs in docs/results/mnist-5k-flow (seeds 0 and 1 of the two rows).
+#   flow: docs/grids/mnist-5k-flow.json's own runs in docs/results/mnist-5k-flow (seeds 0-2 of the two rows, the
+#         grid's seeds at each family's best).
 # Then `mpdit gradnoise` (32 batches of 64, 5 bins, raw weights) on every checkpoint, written to
 # OUT/OBJECTIVE/ROW/seed-S/step-N.json, and OUT/results.md + OUT/noise-scale.png. Resumable: finished runs and
-# measurements are skipped.
+# measurements are skipped. Checkpoints are never committed, so a run finished in an earlier session's work tree
+# may have lost them: its missing measurements are listed as such and skipped (the report counts the seeds each
+# figure has), never retrained over the grid's records.
 #   bash scripts/gradnoise_grid.sh [OUT]      (default docs/results/gradnoise; about 5 h on 2 quiet CPU cores,
 #                                             of which the 32 measurements take about 1 h)
 # The same checkpoints at their power-function EMA (the weights the samples come from), without retraining:
@@ -25,16 +28,22 @@ steps=${STEPS:-1000 2000 3000 5000}
 mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$ddpm_runs" --only "$rows" --seeds 2 --eval-num 100 \
   --cfg-scale 3 ${ABLATE_OPTIONS:-} > /dev/null
 # shellcheck disable=SC2086
-mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 2 ${ABLATE_OPTIONS:-} > /dev/null
+mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 3 ${ABLATE_OPTIONS:-} > /dev/null
 for objective in ddpm flow; do
   runs=$ddpm_runs/runs; [ "$objective" = flow ] && runs=$flow_runs/runs
   for row in ${rows//,/ }; do
-    for seed in 0 1; do
+    seeds="0 1"; [ "$objective" = flow ] && seeds="0 1 2"
+    for seed in $seeds; do
       for step in $steps; do
         result=$out/$objective/$row/seed-$seed/step-$step.json
         [ -f "$result" ] && continue
+        checkpoint=$runs/$row/seed-$seed/checkpoints/$(printf 'step-%07d' "$step")
+        if [ ! -d "$checkpoint" ]; then
+          echo "gradnoise_grid: $objective $row seed $seed step $step not measured: $checkpoint is not on disk"
+          continue
+        fi
         mkdir -p "$(dirname "$result")"
-        mpdit gradnoise --weights "$weights" --ckpt "$runs/$row/seed-$seed/checkpoints/$(printf 'step-%07d' "$step")" --out "$result" | sed -n 1p
+        mpdit gradnoise --weights "$weights" --ckpt "$checkpoint" --out "$result" | sed -n 1p
       done
     done
   done
