@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 24 section 4 (docs/results.md): the gradient noise scale of DiT (constant lr 3e-3 after a 200-step warm-up)
 # and MP scale-rotation-gate (3e-2, EDM2 schedule) at steps 1k/2k/3k/5k of the 5,000-step MNIST recipe, under DDPM
-# and under flow matching, 2 seeds each. The runs come from the grid files themselves, so they are the grids' rows:
+# and under flow matching, 2 seeds under DDPM and the flow grid's 3. The runs come from the grid files themselves, so they are the grids' rows:
 #   DDPM: docs/grids/mnist-5k-lr.json retrained into OUT/ddpm-runs (its issue-11 checkpoints were never kept), with a
 #         cheap side evaluation (100 samples at guidance 3) since only the checkpoints are wanted here;
 #   flow: docs/grids/mnist-5k-flow.json's own runs in docs/results/mnist-5k-flow (seeds 0-2 of the two rows, the
@@ -24,16 +24,18 @@ flow_runs=${FLOW_OUT:-docs/results/mnist-5k-flow}
 ddpm_runs=${DDPM_OUT:-$out/ddpm-runs}
 weights=${WEIGHTS:-raw}
 steps=${STEPS:-1000 2000 3000 5000}
+ddpm_seeds=2
+flow_seeds=3
 # shellcheck disable=SC2086  # ABLATE_OPTIONS is a list of options
-mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$ddpm_runs" --only "$rows" --seeds 2 --eval-num 100 \
+mpdit ablate --grid docs/grids/mnist-5k-lr.json --out "$ddpm_runs" --only "$rows" --seeds "$ddpm_seeds" --eval-num 100 \
   --cfg-scale 3 ${ABLATE_OPTIONS:-} > /dev/null
 # shellcheck disable=SC2086
-mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds 3 ${ABLATE_OPTIONS:-} > /dev/null
+mpdit ablate --grid docs/grids/mnist-5k-flow.json --out "$flow_runs" --only "$rows" --seeds "$flow_seeds" ${ABLATE_OPTIONS:-} > /dev/null
 for objective in ddpm flow; do
-  runs=$ddpm_runs/runs; [ "$objective" = flow ] && runs=$flow_runs/runs
+  runs=$ddpm_runs/runs seeds=$ddpm_seeds
+  [ "$objective" = flow ] && runs=$flow_runs/runs seeds=$flow_seeds
   for row in ${rows//,/ }; do
-    seeds="0 1"; [ "$objective" = flow ] && seeds="0 1 2"
-    for seed in $seeds; do
+    for seed in $(seq 0 $((seeds - 1))); do
       for step in $steps; do
         result=$out/$objective/$row/seed-$seed/step-$step.json
         [ -f "$result" ] && continue
